@@ -1,0 +1,174 @@
+"""Checkpoint directories: JSON configs + safetensors weights, written atomically.
+
+Nothing here ever unpickles: weights are read with safetensors, configs with json. A directory
+is written in full under a temporary name beside the target and then renamed into place, so an
+interrupted save never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+M = TypeVar("M", bound=nn.Module)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a file via a temporary sibling + fsync + rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir_atomic(
+    directory: str | Path, fill: Callable[[Path], None], owned_names: Iterable[str]
+) -> None:
+    """Build a directory with `fill(tmp_dir)` and swap it in place of `directory`.
+
+    An existing directory is only replaced if every file in it is one this kind of checkpoint
+    writes (`owned_names`); anything else in it is the user's, and we refuse rather than lose it.
+    """
+    directory = Path(directory)
+    owned = set(owned_names)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{directory}: exists and is not a directory")
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in owned)
+        if foreign:
+            raise ValueError(
+                f"{directory}: refusing to overwrite a directory holding other files {foreign}; "
+                "save to an empty or new directory"
+            )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_dir(
+    directory: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    json_files: dict[str, Any],
+) -> None:
+    """Write `json_files` (name -> JSON-able object; None skips it) and the weights."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+
+    def fill(tmp: Path) -> None:
+        for name, obj in json_files.items():
+            if obj is not None:
+                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    replace_dir_atomic(directory, fill, [*json_files, WEIGHTS_NAME])
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a torch.save zip) is refused unread."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing weights file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: not a valid safetensors file ({error}); refusing to load it "
+            "(pickled checkpoints are never read)"
+        ) from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict with an error that lists every missing, unexpected or misshapen tensor."""
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    for name in sorted(set(expected) & set(state)):
+        if expected[name].shape != state[name].shape:
+            problems.append(
+                f"{name}: shape {tuple(state[name].shape)} in the file, "
+                f"{tuple(expected[name].shape)} in the model"
+            )
+    if problems:
+        raise ValueError(f"{source}: weights do not match the config: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model_dir(
+    directory: str | Path,
+    build: Callable[[dict[str, Any]], M],
+    json_names: Iterable[str],
+) -> M:
+    """Read the JSON files (the first is required), `build` the model from them, load weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    names = list(json_names)
+    files: dict[str, Any] = {}
+    for name in names:
+        path = directory / name
+        files[name] = read_json(path) if path.is_file() else None
+    if files[names[0]] is None:
+        raise FileNotFoundError(f"{directory / names[0]}: missing")
+    try:
+        model = build(files)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{directory}: bad config: {error}") from None
+    weights = directory / WEIGHTS_NAME
+    load_state_strict(model, load_safetensors(weights), weights)
+    return model

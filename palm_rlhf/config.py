@@ -1,0 +1,191 @@
+"""Frozen, validated configuration dataclasses with a JSON round trip.
+
+Every field carries a docstring (the string literal right after it); `field_docs` reads them so
+the CLI can turn them into `--help` text. Unknown keys are rejected on load: a typo in a config
+file must fail loudly, never fall back to a default silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class PaLMConfig:
+    """Hyper-parameters of the PaLM decoder (Chowdhery et al. 2022, section 2)."""
+
+    num_tokens: int
+    """Vocabulary size: token ids must lie in [0, num_tokens)."""
+    dim: int = 512
+    """Model width (residual stream size)."""
+    depth: int = 8
+    """Number of parallel attention + feed-forward blocks."""
+    heads: int = 8
+    """Number of query heads."""
+    kv_heads: int = 1
+    """Key/value heads. 1 is multi-query attention as in PaLM (a tiny KV cache); a divisor of
+    `heads` above 1 gives grouped-query attention; `heads` gives standard multi-head."""
+    dim_head: int = 64
+    """Width of each attention head."""
+    ff_mult: int = 4
+    """SwiGLU hidden width as a multiple of dim."""
+    max_seq_len: int = 2048
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    rotary_base: float = 10000.0
+    """Base of the rotary position embedding frequencies (RoFormer)."""
+    use_xpos: bool = False
+    """Scale rotary embeddings with xPos (Sun et al. 2022) for better length extrapolation."""
+    xpos_scale_base: float = 512.0
+    """xPos decay scale base (only used with use_xpos)."""
+    qk_norm: bool = False
+    """L2-normalise queries and keys per head with a learned temperature (stabilises training)."""
+    qk_norm_scale: float = 10.0
+    """Initial attention temperature used with qk_norm (replaces 1/sqrt(dim_head))."""
+    dropout: float = 0.0
+    """Dropout on the block output during training (RLHF turns all dropout off)."""
+    z_loss_weight: float = 0.0
+    """Weight of PaLM's auxiliary log(Z)^2 loss that keeps the softmax normaliser near 1 [1e-4]."""
+    causal: bool = True
+    """Causal (decoder) attention; False gives bidirectional attention (no generation)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_tokens",
+            "dim",
+            "depth",
+            "heads",
+            "kv_heads",
+            "dim_head",
+            "ff_mult",
+            "max_seq_len",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool),
+                name,
+                f"must be an int, got {value!r}",
+            )
+            _check(value > 0, name, f"must be positive, got {value}")
+        _check(
+            self.heads % self.kv_heads == 0,
+            "kv_heads",
+            f"must divide heads={self.heads}, got {self.kv_heads}",
+        )
+        _check(self.dim_head % 2 == 0, "dim_head", f"must be even for rotary, got {self.dim_head}")
+        _check(self.rotary_base > 0, "rotary_base", f"must be positive, got {self.rotary_base}")
+        _check(
+            self.xpos_scale_base > 0,
+            "xpos_scale_base",
+            f"must be positive, got {self.xpos_scale_base}",
+        )
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(
+            self.z_loss_weight >= 0,
+            "z_loss_weight",
+            f"must be non-negative, got {self.z_loss_weight}",
+        )
+        _check(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+        _check(
+            self.qk_norm_scale > 0, "qk_norm_scale", f"must be positive, got {self.qk_norm_scale}"
+        )
+
+    @property
+    def ff_inner_dim(self) -> int:
+        return self.dim * self.ff_mult
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config dataclass from a dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    try:
+        return config_from_dict(cls, data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, for CLI help and documentation."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+LORA_TARGETS = ("fused_proj", "attn_out", "ff_out")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """A named scope of low-rank adapters (Hu et al. 2021): W x + (alpha / rank) B A x."""
+
+    rank: int = 8
+    """Rank r of each adapter."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter output is multiplied by alpha / rank."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """Projections that get an adapter: fused_proj (q, k, v and the SwiGLU inputs), attn_out,
+    ff_out."""
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.rank, int) and self.rank > 0,
+            "rank",
+            f"must be a positive int, got {self.rank!r}",
+        )
+        _check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _check(len(self.targets) > 0, "targets", "must name at least one projection")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        _check(not unknown, "targets", f"unknown projections {unknown}; choose from {LORA_TARGETS}")

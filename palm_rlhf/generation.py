@@ -1,0 +1,225 @@
+"""Sampling and batched, left-padded generation with a KV cache.
+
+Prompts of different lengths are left-padded into one batch; each forward gets explicit
+positions counted over real tokens (RLHF checklist item 1), so a row's tokens and log-probs do
+not depend on how much padding it has. The returned log-probs come from exactly the distribution
+each token was sampled from: logits / temperature, then top-k and top-p filtering, renormalised
+(checklist item 3); `sampling_logprobs` recomputes them the same way for PPO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .palm import PaLM
+from .tokenizer import pad_sequences
+
+
+class GenerationOutput(NamedTuple):
+    """What `generate` returns. b = batch, n_new = decoding steps run, p = padded prompt length."""
+
+    tokens: Tensor
+    """(b, n_new) long: sampled ids; pad_id after a row emitted eos."""
+    logprobs: Tensor
+    """(b, n_new) float: log-prob of each token under its sampling distribution; 0 where masked."""
+    mask: Tensor
+    """(b, n_new) bool: True for real response tokens (up to and including eos)."""
+    prompt_tokens: Tensor
+    """(b, p) long: the prompts, left-padded with pad_id."""
+    prompt_mask: Tensor
+    """(b, p) bool: True for real prompt tokens."""
+
+
+def filter_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """logits (..., v) -> logits of the sampling distribution: divided by the temperature, with
+    everything outside the top-k and outside the top-p nucleus set to -inf."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the tokens ranked above it already cover top_p; the first always stays.
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sampling_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Log-prob of tokens (...) under the filtered distribution of logits (..., v)."""
+    if temperature == 0:  # greedy decoding reports the unscaled, unfiltered model distribution
+        logp = logits.float().log_softmax(dim=-1)
+    else:
+        logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """logits (b, v) -> (token (b,), log-prob (b,)). temperature 0 means greedy; its log-prob is
+    then reported under the unscaled, unfiltered model distribution."""
+    if temperature == 0:
+        logp = logits.float().log_softmax(dim=-1)
+        token = logp.argmax(dim=-1)
+    else:
+        logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def _prepare_prompts(
+    model: PaLM, prompts: Sequence[Sequence[int] | Tensor] | Tensor, pad_id: int | None
+) -> tuple[Tensor, Tensor]:
+    if isinstance(prompts, Tensor):
+        if prompts.ndim == 1:
+            prompts = prompts[None]
+        if prompts.ndim != 2:
+            raise ValueError(f"prompt tensor must be (batch, length), got {tuple(prompts.shape)}")
+        rows = [row.tolist() for row in prompts]
+    else:
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one prompt")
+        rows = [p.tolist() if isinstance(p, Tensor) else list(p) for p in prompts]
+    for index, row in enumerate(rows):
+        if len(row) == 0:
+            raise ValueError(
+                f"prompt {index} is empty: every prompt needs at least one token (e.g. a bos token)"
+            )
+        for token in row:
+            if not (isinstance(token, int) and 0 <= token < model.config.num_tokens):
+                raise ValueError(
+                    f"prompt {index} has token id {token!r} outside the vocabulary "
+                    f"[0, {model.config.num_tokens})"
+                )
+    if pad_id is None and len({len(r) for r in rows}) > 1:
+        raise ValueError("prompts have different lengths: pass pad_id to left-pad them")
+    return pad_sequences(rows, pad_id if pad_id is not None else 0, "left")
+
+
+def _check_options(
+    model: PaLM,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    pad_id: int | None,
+) -> None:
+    vocab = model.config.num_tokens
+    if not model.config.causal:
+        raise ValueError("generate needs a causal model (config.causal=True)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= value < vocab:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab})")
+    if eos_id is not None and eos_id == pad_id:
+        raise ValueError(
+            "pad_id must differ from eos_id, or masking padding would also mask "
+            "the end of every response"
+        )
+    if eos_id is not None and pad_id is None:
+        raise ValueError("eos_id needs a pad_id to fill the rows that have finished")
+
+
+@torch.no_grad()
+def generate(
+    model: PaLM,
+    prompts: Sequence[Sequence[int] | Tensor] | Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    lora_scope: str | None = None,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Sample up to max_new_tokens for a batch of prompts of any lengths.
+
+    Rows that emit eos_id are finished: they emit pad_id from then on (mask False) and decoding
+    stops when every row is finished. temperature=0 is greedy. `seed` makes sampling
+    reproducible (or pass your own `generator`). The model runs in eval mode (dropout off) and
+    is returned to its previous mode afterwards. use_cache=False re-runs the whole sequence each
+    step: slow, kept as the reference the cached path is tested against.
+    """
+    _check_options(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id)
+    device = model.token_emb.weight.device
+    prompt_tokens, prompt_mask = _prepare_prompts(model, prompts, pad_id)
+    prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
+    b, p = prompt_tokens.shape
+    if p + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds max_seq_len {model.config.max_seq_len}"
+        )
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    fill = pad_id if pad_id is not None else 0
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(b, max_len=p + max_new_tokens) if use_cache else None
+        sequence, sequence_mask = prompt_tokens, prompt_mask
+        logits = model(prompt_tokens, mask=prompt_mask, cache=cache, lora_scope=lora_scope)[:, -1]
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        tokens, logprobs, masks = [], [], []
+        for step in range(max_new_tokens):
+            token, logprob = sample_next(logits, temperature, top_k, top_p, generator)
+            alive = ~finished
+            tokens.append(token.masked_fill(finished, fill))
+            logprobs.append(logprob.masked_fill(finished, 0.0))
+            masks.append(alive)
+            if eos_id is not None:
+                finished = finished | (token == eos_id)
+                if bool(finished.all()):
+                    break
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None:
+                # Finished rows keep decoding pad tokens; their outputs are masked out.
+                logits = model(tokens[-1][:, None], cache=cache, lora_scope=lora_scope)[:, -1]
+            else:
+                sequence = torch.cat((sequence, tokens[-1][:, None]), dim=1)
+                sequence_mask = F.pad(sequence_mask, (0, 1), value=True)
+                logits = model(sequence, mask=sequence_mask, lora_scope=lora_scope)[:, -1]
+    finally:
+        model.train(was_training)
+    return GenerationOutput(
+        tokens=torch.stack(tokens, dim=1),
+        logprobs=torch.stack(logprobs, dim=1),
+        mask=torch.stack(masks, dim=1),
+        prompt_tokens=prompt_tokens,
+        prompt_mask=prompt_mask,
+    )

@@ -1,0 +1,166 @@
+"""Building blocks of the PaLM decoder.
+
+einops legend: b batch, n query positions, m key positions, h query heads, k key/value heads,
+g query heads per key/value head (h = k * g), d head dim, i feed-forward inner dim.
+
+Mask convention everywhere in this package: True = keep (a real token / an allowed edge).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import PaLMConfig
+from .lora import LoRALinear
+
+
+class RotaryTables(NamedTuple):
+    """cos/sin tables for the queries and the keys, each (b, 1, n, d/2).
+
+    Queries and keys differ only under xPos, where queries are scaled by s^pos and keys by
+    s^-pos so that their product decays with relative distance.
+    """
+
+    cos_q: Tensor
+    sin_q: Tensor
+    cos_k: Tensor
+    sin_k: Tensor
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), optionally with xPos (Sun et al. 2022).
+
+    Driven by explicit integer positions (b, n) so that a left-padded row and the same row
+    alone see identical angles, and cached decoding sees the angles of a full forward.
+    """
+
+    def __init__(self, config: PaLMConfig) -> None:
+        super().__init__()
+        half = config.dim_head // 2
+        inv_freq = config.rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # xPos per-frequency decay base in (0, 1); the offset keeps positions centred so that
+        # s^pos stays within float32 range up to max_seq_len.
+        xpos_base = (torch.arange(half, dtype=torch.float32) + 0.4 * half) / (1.4 * half)
+        self.register_buffer("xpos_base", xpos_base, persistent=False)
+        self.use_xpos = config.use_xpos
+        self.xpos_scale_base = config.xpos_scale_base
+        self.xpos_offset = config.max_seq_len // 2
+
+    def forward(self, positions: Tensor) -> RotaryTables:
+        angles = positions[:, None, :, None].float() * self.inv_freq  # (b, 1, n, d/2)
+        cos, sin = angles.cos(), angles.sin()
+        if not self.use_xpos:
+            return RotaryTables(cos, sin, cos, sin)
+        power = (positions[:, None, :, None].float() - self.xpos_offset) / self.xpos_scale_base
+        scale = self.xpos_base**power
+        return RotaryTables(cos * scale, sin * scale, cos / scale, sin / scale)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[j], x[j + d/2]) by the position's angle. x: (b, h, n, d)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class ParallelBlock(nn.Module):
+    """One PaLM layer: x + attn(norm(x)) + ff(norm(x)) from a single shared pre-norm.
+
+    q, k, v and the two SwiGLU inputs come out of one fused projection (PaLM section 2,
+    "parallel layers"), so a layer runs three matrix products, not five. No biases anywhere.
+    """
+
+    def __init__(self, config: PaLMConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
+        inner = config.ff_inner_dim
+        self.split_sizes = (
+            config.heads * config.dim_head,  # q
+            config.kv_heads * config.dim_head,  # k
+            config.kv_heads * config.dim_head,  # v
+            inner,  # SwiGLU value
+            inner,  # SwiGLU gate
+        )
+        self.norm = nn.LayerNorm(config.dim, bias=False)
+        self.fused_proj = LoRALinear(config.dim, sum(self.split_sizes))
+        self.attn_out = LoRALinear(config.heads * config.dim_head, config.dim)
+        self.ff_out = LoRALinear(inner, config.dim)
+        self.dropout = config.dropout
+        self.qk_scale = (
+            nn.Parameter(torch.tensor(float(config.qk_norm_scale))) if config.qk_norm else None
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: RotaryTables,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache_layer: tuple[Tensor, Tensor] | None = None,
+        cache_start: int = 0,
+        lora_scope: str | None = None,
+    ) -> Tensor:
+        """x: (b, n, dim). attn_mask: bool (b, 1, n, m) or None. cache_layer: preallocated
+        (keys, values), each (b, k, max_len, d); this call writes positions
+        [cache_start, cache_start + n) and attends to everything before them too."""
+        normed = self.norm(x)
+        q, k, v, ff_value, ff_gate = self.fused_proj(normed, lora_scope).split(
+            self.split_sizes, dim=-1
+        )
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(k, "b n (k d) -> b k n d", k=self.kv_heads)
+        v = rearrange(v, "b n (k d) -> b k n d", k=self.kv_heads)
+
+        scale = None
+        if self.qk_scale is not None:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            q, scale = q * self.qk_scale, 1.0
+        q = apply_rotary(q, rotary.cos_q, rotary.sin_q)
+        k = apply_rotary(k, rotary.cos_k, rotary.sin_k)
+
+        if cache_layer is not None:
+            cache_keys, cache_values = cache_layer
+            end = cache_start + k.shape[-2]
+            cache_keys[:, :, cache_start:end] = k
+            cache_values[:, :, cache_start:end] = v
+            k, v = cache_keys[:, :, :end], cache_values[:, :, :end]
+
+        attn = self._attend(q, k, v, attn_mask, is_causal, scale)  # (b, n, h * d)
+        out = self.attn_out(attn, lora_scope) + self.ff_out(F.silu(ff_gate) * ff_value, lora_scope)
+        if self.dropout > 0 and self.training:
+            out = F.dropout(out, self.dropout, training=True)
+        return x + out
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        scale: float | None,
+    ) -> Tensor:
+        b, h, n, d = q.shape
+        if n == 1 and not is_causal:
+            # Decoding one token: the g query heads that share a key/value head become g
+            # "positions" of one query, so multi-query attention is a single small matmul
+            # against the cached keys instead of g broadcast ones.
+            q = rearrange(q, "b (k g) 1 d -> b k g d", k=self.kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            return rearrange(out, "b k g d -> b 1 (k g d)")
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return rearrange(out, "b h n d -> b n (h d)")

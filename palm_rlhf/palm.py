@@ -1,0 +1,248 @@
+"""PaLM decoder (Chowdhery et al. 2022): embed -> parallel blocks -> norm -> tied logits.
+
+einops legend: b batch, n new positions, m key positions (cached + new), d model dim,
+v vocabulary. Masks: True = real token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from torch import Tensor, nn
+
+from .checkpoint import load_model_dir, save_model_dir
+from .config import LoRAConfig, PaLMConfig
+from .kv_cache import KVCache
+from .layers import ParallelBlock, Rotary
+from .lora import add_lora, check_scope
+
+IGNORE_INDEX = -100
+
+
+class PaLM(nn.Module):
+    """The PaLM decoder-only transformer.
+
+    forward(tokens (b, n), mask=None, positions=None, cache=None, lora_scope=None) -> (b, n, v)
+
+    - mask (b, n) bool marks real tokens; padded rows (left or right) get positions counted
+      over real tokens only, so padding never changes a real token's output.
+    - cache: a `KVCache` from `new_cache`; the call appends these n tokens after the cached ones.
+    - lora_scope: the name of an adapter scope to apply, or None for the base model.
+    """
+
+    @beartype
+    def __init__(self, config: PaLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.rotary = Rotary(config)
+        self.blocks = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim, bias=False)
+        self.lora_configs: dict[str, LoRAConfig] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        nn.init.normal_(self.token_emb.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.fused_proj.weight, std=std)
+            # GPT-2's residual scaling: two writes into the stream per layer.
+            for out_proj in (block.attn_out, block.ff_out):
+                nn.init.normal_(out_proj.weight, std=std / (2 * self.config.depth) ** 0.5)
+
+    # ----------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        lora_scope: str | None = None,
+    ) -> Tensor:
+        return self.to_logits(self.forward_hidden(tokens, mask, positions, cache, lora_scope))
+
+    def to_logits(self, hidden: Tensor) -> Tensor:
+        """Tied output embedding: logits = hidden @ token_emb^T."""
+        return F.linear(hidden, self.token_emb.weight)
+
+    def forward_hidden(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        lora_scope: str | None = None,
+    ) -> Tensor:
+        """The final normalised hidden states (b, n, d); reward and value heads read these."""
+        mask = self._validate(tokens, mask, positions, cache, lora_scope)
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = self._positions(tokens, mask, cache)
+        key_mask = cache.write_mask(mask) if cache is not None else mask
+        attn_mask, is_causal = self._attention_mask(key_mask, tokens.shape[1], past)
+        rotary = self.rotary(positions)
+
+        x = self.token_emb(tokens)  # (b, n, d)
+        for index, block in enumerate(self.blocks):
+            cache_layer = cache.layer(index) if cache is not None else None
+            x = block(x, rotary, attn_mask, is_causal, cache_layer, past, lora_scope)
+        if cache is not None:
+            cache.advance(mask)
+        return self.norm(x)
+
+    def _validate(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None,
+        positions: Tensor | None,
+        cache: KVCache | None,
+        lora_scope: str | None,
+    ) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int):
+            raise ValueError("tokens must be an integer tensor of token ids")
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens must have shape (batch, seq_len>0), got {tuple(tokens.shape)}"
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.config.num_tokens:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.num_tokens})"
+            )
+        b, n = tokens.shape
+        past = cache.length if cache is not None else 0
+        if past + n > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {past + n} exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        if cache is not None:
+            if not self.config.causal:
+                raise ValueError("a KV cache needs a causal model (config.causal=True)")
+            cache.check_fits(b, n)
+        if mask is not None and tuple(mask.shape) != (b, n):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match tokens {(b, n)}")
+        if positions is not None and tuple(positions.shape) != (b, n):
+            raise ValueError(
+                f"positions shape {tuple(positions.shape)} does not match tokens {(b, n)}"
+            )
+        check_scope(self, lora_scope)
+        if mask is None:
+            return torch.ones_like(tokens, dtype=torch.bool)
+        return mask.bool()
+
+    @staticmethod
+    def _positions(tokens: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+        """Rotary positions count real tokens only: a left-padded row starts at 0."""
+        offsets = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, n)
+        if cache is not None:
+            offsets = offsets + cache.next_position[:, None]
+        return offsets
+
+    def _attention_mask(self, key_mask: Tensor, n: int, past: int) -> tuple[Tensor | None, bool]:
+        """(attn_mask (b, 1, n, m) or None, is_causal) for scaled_dot_product_attention.
+
+        Every query may always see itself, so padding queries (whose outputs are ignored) never
+        meet an all-masked row, which would give NaN.
+        """
+        no_padding = bool(key_mask.all())
+        causal = self.config.causal
+        if no_padding and (n == 1 or not causal):
+            return None, False
+        if no_padding and past == 0:
+            return None, True
+        m = key_mask.shape[1]
+        query_pos = torch.arange(past, past + n, device=key_mask.device)[:, None]  # (n, 1)
+        key_pos = torch.arange(m, device=key_mask.device)[None, :]  # (1, m)
+        allowed = key_mask[:, None, None, :]  # (b, 1, 1, m)
+        if causal:
+            allowed = allowed & (key_pos <= query_pos)
+        return allowed | (key_pos == query_pos), False
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.token_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    def loss(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        lora_scope: str | None = None,
+    ) -> Tensor:
+        """Next-token cross-entropy (plus config.z_loss_weight * z-loss) on (b, n) tokens.
+
+        A target counts when it is a real token (mask) and, if given, loss_mask is True at its
+        position (e.g. response tokens only for SFT).
+        """
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+        input_mask = None if mask is None else mask[:, :-1]
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        if mask is not None:
+            keep &= mask[:, 1:].bool()
+        if loss_mask is not None:
+            if loss_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"loss_mask shape {tuple(loss_mask.shape)} does not match "
+                    f"tokens {tuple(tokens.shape)}"
+                )
+            keep &= loss_mask[:, 1:].bool()
+        targets[~keep] = IGNORE_INDEX
+        logits = self(inputs, mask=input_mask, lora_scope=lora_scope)
+        return lm_loss(logits, targets, z_loss_weight=self.config.z_loss_weight)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def add_lora(
+        self, scope: str, config: LoRAConfig | None = None, freeze_base: bool = True
+    ) -> list[nn.Parameter]:
+        return add_lora(self, scope, config, freeze_base)
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (+ lora.json) and model.safetensors, atomically."""
+        lora = {name: cfg.__dict__ for name, cfg in self.lora_configs.items()}
+        save_model_dir(
+            directory,
+            self.state_dict(),
+            {"config.json": self.config.to_dict(), "lora.json": lora or None},
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PaLM:
+        """Load a `save_pretrained` directory; no pickle is ever read."""
+        directory = Path(directory)
+
+        def build(files: dict[str, dict | None]) -> PaLM:
+            model = cls(PaLMConfig.from_dict(files["config.json"]))
+            for scope, raw in (files.get("lora.json") or {}).items():
+                model.add_lora(scope, LoRAConfig(**raw), freeze_base=False)
+            return model
+
+        return load_model_dir(directory, build, ("config.json", "lora.json"))
+
+
+def lm_loss(
+    logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, z_loss_weight: float = 0.0
+) -> Tensor:
+    """Mean cross-entropy over targets != ignore_index, plus PaLM's z-loss
+    z_loss_weight * mean(log(Z)^2), where Z is the softmax normaliser (PaLM section 5)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    keep = targets != ignore_index
+    if not bool(keep.any()):
+        raise ValueError("no target tokens to compute a loss on (all are ignored/padding)")
+    if z_loss_weight == 0:
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+    logits, targets = logits[keep], targets[keep]
+    log_z = logits.logsumexp(dim=-1)
+    nll = log_z - logits.gather(1, targets[:, None]).squeeze(1)
+    return nll.mean() + z_loss_weight * log_z.pow(2).mean()

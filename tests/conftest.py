@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from palm_rlhf import PaLM, PaLMConfig
+
+
+def tiny_config(**overrides) -> PaLMConfig:
+    values = dict(num_tokens=40, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+    values.update(overrides)
+    return PaLMConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> PaLM:
+    torch.manual_seed(seed)
+    model = PaLM(tiny_config(**overrides))
+    # Bigger weights than the default init so logits differ clearly between tokens; otherwise
+    # greedy ties and near-uniform distributions would make equality tests weak.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

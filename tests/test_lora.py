@@ -1,0 +1,111 @@
+import pytest
+import torch
+from conftest import tiny_model
+
+from palm_rlhf import LoRAConfig, PaLM, generate, lora_parameters, merge_lora, remove_lora
+
+
+def perturb(params, scale=0.1):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * scale)
+
+
+def test_new_adapter_is_a_no_op_and_base_is_frozen():
+    model = tiny_model()
+    tokens = torch.randint(0, 40, (2, 9))
+    before = model(tokens)
+    params = model.add_lora("actor", LoRAConfig(rank=4, alpha=8))
+    torch.testing.assert_close(model(tokens, lora_scope="actor"), before, atol=0, rtol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.actor." in n for n in trainable)
+    assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in trainable}
+    # 2 layers x 3 projections x (down + up)
+    assert len(params) == 2 * 3 * 2
+
+
+def test_training_moves_only_the_adapter_and_reference_stays_the_base():
+    model = tiny_model().train()
+    tokens = torch.randint(0, 40, (4, 12))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = model(tokens).detach()
+    params = model.add_lora("actor")
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model.loss(tokens, lora_scope="actor")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, value in base_state.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # With adapters off the model is exactly the base: the PPO reference needs no copy.
+    torch.testing.assert_close(model(tokens), reference, atol=0, rtol=0)
+    assert not torch.allclose(model(tokens, lora_scope="actor"), reference)
+
+
+def test_scopes_are_independent():
+    model = tiny_model()
+    tokens = torch.randint(0, 40, (2, 9))
+    actor = model.add_lora("actor")
+    critic = model.add_lora("critic", LoRAConfig(rank=2, targets=("fused_proj",)))
+    perturb(actor)
+    with_actor = model(tokens, lora_scope="actor")
+    perturb(critic)
+    torch.testing.assert_close(model(tokens, lora_scope="actor"), with_actor, atol=0, rtol=0)
+    assert not torch.allclose(model(tokens, lora_scope="critic"), with_actor)
+    assert {id(p) for p in actor}.isdisjoint(id(p) for p in critic)
+    assert len(critic) == 2 * 1 * 2
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_merge_equals_unmerged_adapter(kv_heads):
+    model = tiny_model(kv_heads=kv_heads)
+    tokens = torch.randint(0, 40, (2, 9))
+    perturb(model.add_lora("actor", LoRAConfig(rank=4, alpha=4)))
+    unmerged = model(tokens, lora_scope="actor")
+    merge_lora(model, "actor")
+    torch.testing.assert_close(model(tokens), unmerged, atol=1e-5, rtol=0)
+    assert "actor" not in model.lora_configs
+    with pytest.raises(ValueError, match="unknown LoRA scope 'actor'"):
+        model(tokens, lora_scope="actor")
+
+
+def test_generation_with_a_scope_uses_the_adapter():
+    model = tiny_model()
+    perturb(model.add_lora("actor"), scale=1.0)
+    adapted = generate(model, [[1, 2, 3]], max_new_tokens=10, temperature=0.0, lora_scope="actor")
+    merge_lora(model, "actor")
+    merged = generate(model, [[1, 2, 3]], max_new_tokens=10, temperature=0.0)
+    assert torch.equal(adapted.tokens, merged.tokens)
+
+
+def test_adapters_round_trip_through_checkpoints(tmp_path):
+    model = tiny_model()
+    perturb(model.add_lora("actor", LoRAConfig(rank=3, alpha=6, targets=("attn_out",))))
+    tokens = torch.randint(0, 40, (2, 9))
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.lora_configs == model.lora_configs
+    torch.testing.assert_close(
+        loaded(tokens, lora_scope="actor"), model(tokens, lora_scope="actor"), atol=0, rtol=0
+    )
+
+
+def test_lora_errors():
+    model = tiny_model()
+    model.add_lora("actor")
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_lora("actor")
+    with pytest.raises(ValueError, match="identifier"):
+        model.add_lora("not a name")
+    with pytest.raises(ValueError, match="unknown projections"):
+        LoRAConfig(targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="unknown LoRA scope 'critic'"):
+        lora_parameters(model, "critic")
+    remove_lora(model, "actor")
+    assert not any(".adapters." in n for n, _ in model.named_parameters())

@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config, tiny_model
+from einops import rearrange
+
+from palm_rlhf import PaLM, lm_loss
+from palm_rlhf.layers import apply_rotary
+from palm_rlhf.palm import IGNORE_INDEX
+
+CONFIGS = {
+    "mqa": {},
+    "gqa": {"kv_heads": 2},
+    "mha": {"kv_heads": 4},
+    "xpos": {"use_xpos": True},
+    "qk_norm": {"qk_norm": True},
+}
+
+
+def reference_block(block, x, positions, config):
+    """A slow, literal PaLM block: explicit per-head softmax attention, no SDPA, no folding."""
+    h, k_heads, d = config.heads, config.kv_heads, config.dim_head
+    normed = F.layer_norm(x, (config.dim,), block.norm.weight)
+    q, k, v, value, gate = (normed @ block.fused_proj.weight.T).split(block.split_sizes, dim=-1)
+    q = rearrange(q, "b n (h d) -> b h n d", h=h)
+    k = rearrange(k, "b n (k d) -> b k n d", k=k_heads).repeat_interleave(h // k_heads, dim=1)
+    v = rearrange(v, "b n (k d) -> b k n d", k=k_heads).repeat_interleave(h // k_heads, dim=1)
+    scale = 1 / math.sqrt(d)
+    if config.qk_norm:
+        q, k = F.normalize(q, dim=-1) * block.qk_scale, F.normalize(k, dim=-1)
+        scale = 1.0
+    inv_freq = config.rotary_base ** (-torch.arange(d // 2).double() / (d // 2))
+    angles = (positions[:, None, :, None].double() * inv_freq).float()
+    cos, sin = angles.cos(), angles.sin()
+    if config.use_xpos:
+        base = (torch.arange(d // 2) + 0.4 * d / 2) / (1.4 * d / 2)
+        s = base ** (
+            (positions[:, None, :, None] - config.max_seq_len // 2) / config.xpos_scale_base
+        )
+        q, k = apply_rotary(q, cos * s, sin * s), apply_rotary(k, cos / s, sin / s)
+    else:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    n = x.shape[1]
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    attn = rearrange(scores.softmax(-1) @ v, "b h n d -> b n (h d)")
+    ff = F.silu(gate) * value
+    return x + attn @ block.attn_out.weight.T + ff @ block.ff_out.weight.T
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_matches_literal_reference(name):
+    model = tiny_model(**CONFIGS[name])
+    tokens = torch.randint(0, 40, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    x = model.token_emb(tokens)
+    for block in model.blocks:
+        x = reference_block(block, x, positions, model.config)
+    expected = F.layer_norm(x, (model.config.dim,), model.norm.weight) @ model.token_emb.weight.T
+    torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_architecture_is_palm():
+    model = tiny_model()
+    config = model.config
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    block = model.blocks[0]
+    # q (h*d) + one shared k and v (d each) + SwiGLU value and gate, all from one projection.
+    inner = config.dim * config.ff_mult
+    assert block.fused_proj.weight.shape == (4 * 8 + 2 * 8 + 2 * inner, config.dim)
+    assert block.norm.bias is None and model.norm.bias is None
+    # Tied embeddings: the output projection is the input embedding, not a copy.
+    hidden = torch.randn(1, 3, config.dim)
+    torch.testing.assert_close(model.to_logits(hidden), hidden @ model.token_emb.weight.T)
+    assert sum(p.numel() for p in model.parameters()) == model.num_parameters()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_causal(name):
+    model = tiny_model(**CONFIGS[name])
+    tokens = torch.randint(0, 40, (1, 10))
+    changed = tokens.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % 40
+    torch.testing.assert_close(model(tokens)[:, :6], model(changed)[:, :6], atol=0, rtol=0)
+    assert not torch.allclose(model(tokens)[:, 6:], model(changed)[:, 6:])
+
+
+def test_bidirectional_sees_the_future():
+    model = tiny_model(causal=False)
+    tokens = torch.randint(0, 40, (1, 10))
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 40
+    assert not torch.allclose(model(tokens)[:, 0], model(changed)[:, 0])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padding_does_not_change_real_tokens(name, side):
+    model = tiny_model(**CONFIGS[name])
+    short, long = torch.randint(0, 39, (5,)), torch.randint(0, 39, (9,))
+    pad = torch.full((4,), 39)
+    row = torch.cat((pad, short)) if side == "left" else torch.cat((short, pad))
+    mask = (torch.arange(9) >= 4) if side == "left" else (torch.arange(9) < 5)
+    batch = torch.stack((row, long))
+    batch_mask = torch.stack((mask, torch.ones(9, dtype=torch.bool)))
+    logits = model(batch, mask=batch_mask)
+    torch.testing.assert_close(logits[0][mask], model(short[None])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], model(long[None])[0], atol=1e-5, rtol=0)
+    assert torch.isfinite(logits).all()  # pad queries never see an all-masked row
+
+
+def test_lm_loss_hand_computed():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    targets = torch.tensor([[0, IGNORE_INDEX]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert lm_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    log_z = math.log(math.exp(2) + 2)
+    z = lm_loss(logits, targets, z_loss_weight=0.1).item()
+    assert z == pytest.approx(expected + 0.1 * log_z**2, rel=1e-6)
+    with pytest.raises(ValueError, match="no target tokens"):
+        lm_loss(logits, torch.full((1, 2), IGNORE_INDEX))
+
+
+def test_model_loss_masks_padding_and_prompt():
+    model = tiny_model(z_loss_weight=0.0)
+    tokens = torch.randint(0, 40, (2, 8))
+    logits = model(tokens[:, :-1])
+    full = F.cross_entropy(logits.reshape(-1, 40), tokens[:, 1:].reshape(-1))
+    assert model.loss(tokens).item() == pytest.approx(full.item(), rel=1e-5)
+    # Only response tokens (positions 5..7) count.
+    loss_mask = torch.zeros(2, 8, dtype=torch.bool)
+    loss_mask[:, 5:] = True
+    response_only = F.cross_entropy(logits[:, 4:].reshape(-1, 40), tokens[:, 5:].reshape(-1))
+    assert model.loss(tokens, loss_mask=loss_mask).item() == pytest.approx(
+        response_only.item(), rel=1e-5
+    )
+
+
+def test_z_loss_is_added():
+    model = tiny_model(z_loss_weight=1e-2)
+    tokens = torch.randint(0, 40, (2, 8))
+    logits = model(tokens[:, :-1]).reshape(-1, 40)
+    ce = F.cross_entropy(logits, tokens[:, 1:].reshape(-1))
+    z = logits.logsumexp(-1).pow(2).mean()
+    assert model.loss(tokens).item() == pytest.approx((ce + 1e-2 * z).item(), rel=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = tiny_model(dropout=0.5)
+    tokens = torch.randint(0, 40, (1, 8))
+    torch.testing.assert_close(model(tokens), model(tokens), atol=0, rtol=0)
+    model.train()
+    assert not torch.allclose(model(tokens), model(tokens))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m(torch.tensor([[0, 40]])), "token id 40 is outside the vocabulary"),
+        (lambda m: m(torch.tensor([[-1, 3]])), "token id -1 is outside the vocabulary"),
+        (lambda m: m(torch.zeros(1, 65, dtype=torch.long)), "exceeds max_seq_len 64"),
+        (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "shape"),
+        (lambda m: m(torch.zeros(4, dtype=torch.long)), "shape"),
+        (lambda m: m(torch.zeros(1, 3)), "integer tensor"),
+        (lambda m: m(torch.zeros(1, 3, dtype=torch.long), mask=torch.ones(1, 4)), "mask shape"),
+        (lambda m: m(torch.zeros(1, 3, dtype=torch.long), lora_scope="actor"), "unknown LoRA"),
+    ],
+)
+def test_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_model())
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_model(qk_norm=True).train()
+    model.loss(torch.randint(0, 40, (2, 10))).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_init_is_small_and_seeded():
+    torch.manual_seed(3)
+    a = PaLM(tiny_config())
+    torch.manual_seed(3)
+    b = PaLM(tiny_config())
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    # Near-uniform predictions at init: loss close to log(vocab).
+    loss = a.loss(torch.randint(0, 40, (4, 32))).item()
+    assert abs(loss - math.log(40)) < 0.1
