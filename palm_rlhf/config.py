@@ -136,8 +136,8 @@ def save_config(config: Any, path: str | Path) -> None:
 def load_config(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     try:
         return config_from_dict(cls, data)
@@ -180,7 +180,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.rank, int) and self.rank > 0,
+            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
             "rank",
             f"must be a positive int, got {self.rank!r}",
         )

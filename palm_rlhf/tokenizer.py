@@ -85,6 +85,8 @@ def pad_sequences(
     if len(rows) == 0:
         raise ValueError("cannot pad an empty batch")
     if max_length is not None:
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         rows = [r[-max_length:] if padding_side == "left" else r[:max_length] for r in rows]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -1,0 +1,360 @@
+"""Checkpoints: exact round trip, atomic replace, strict loading, and never unpickling."""
+
+import json
+import os
+import pathlib
+import pickle
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from palm_rlhf import LoRAConfig, PaLM, PaLMConfig
+from palm_rlhf.checkpoint import replace_dir_atomic, write_bytes_atomic
+
+CONFIG = PaLMConfig(num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+TOKENS = torch.tensor([[1, 5, 9, 30, 2, 7], [31, 0, 4, 4, 8, 16]])
+BASE_FILES = ["config.json", "model.safetensors"]
+
+
+def make_model(seed: int = 0) -> PaLM:
+    torch.manual_seed(seed)
+    model = PaLM(CONFIG)
+    with torch.no_grad():  # larger than the default init, so different seeds differ clearly
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model.eval()
+
+
+def logits(model: PaLM, scope: str | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(TOKENS, lora_scope=scope)
+
+
+def listing(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def edit_json(path: pathlib.Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_is_bitwise(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    assert loaded.lora_configs == {}
+    assert torch.equal(logits(loaded), logits(model))
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert sorted(original) == sorted(restored)
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+    assert listing(tmp_path / "ckpt") == BASE_FILES
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text()) == CONFIG.to_dict()
+
+
+def test_round_trip_with_lora_scope(tmp_path):
+    model = make_model()
+    lora = LoRAConfig(rank=2, alpha=6.0, targets=("fused_proj", "ff_out"))
+    model.add_lora("actor", lora)
+    with torch.no_grad():  # adapters start as a no-op; make them matter
+        for name, param in model.named_parameters():
+            if ".adapters.actor." in name:
+                param.normal_(0, 0.3)
+    assert not torch.equal(logits(model, "actor"), logits(model))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert listing(tmp_path / "ckpt") == ["config.json", "lora.json", "model.safetensors"]
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.lora_configs == {"actor": lora}
+    assert torch.equal(logits(loaded, "actor"), logits(model, "actor"))
+    assert torch.equal(logits(loaded), logits(model))
+
+
+# ----------------------------------------------------------------------------- overwriting
+
+
+def test_save_over_checkpoint_replaces_it_and_leaves_no_temp_dirs(tmp_path):
+    first, second = make_model(0), make_model(1)
+    assert not torch.equal(logits(first), logits(second))
+    first.add_lora("actor")
+    first.save_pretrained(tmp_path / "ckpt")
+    assert "lora.json" in listing(tmp_path / "ckpt")
+    second.save_pretrained(tmp_path / "ckpt")
+    # The whole directory is swapped, so the first model's lora.json does not linger.
+    assert listing(tmp_path / "ckpt") == BASE_FILES
+    assert listing(tmp_path) == ["ckpt"]
+    assert torch.equal(logits(PaLM.from_pretrained(tmp_path / "ckpt")), logits(second))
+
+
+def test_save_into_directory_with_foreign_file_refuses(tmp_path):
+    old, new = make_model(0), make_model(1)
+    old.save_pretrained(tmp_path / "ckpt")
+    notes = tmp_path / "ckpt" / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        new.save_pretrained(tmp_path / "ckpt")
+    assert notes.read_text() == "my notes"
+    assert listing(tmp_path / "ckpt") == [*BASE_FILES, "notes.txt"]
+    assert listing(tmp_path) == ["ckpt"]
+    assert torch.equal(logits(PaLM.from_pretrained(tmp_path / "ckpt")), logits(old))
+
+
+def test_save_onto_a_file_refuses(tmp_path):
+    target = tmp_path / "ckpt"
+    target.write_text("not a directory")
+    with pytest.raises(ValueError, match="not a directory"):
+        make_model().save_pretrained(target)
+    assert target.read_text() == "not a directory"
+
+
+def test_crash_while_saving_weights_keeps_old_checkpoint(tmp_path, monkeypatch):
+    old = make_model(0)
+    old.save_pretrained(tmp_path / "ckpt")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("palm_rlhf.checkpoint.save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_model(1).save_pretrained(tmp_path / "ckpt")
+    assert listing(tmp_path) == ["ckpt"]
+    assert torch.equal(logits(PaLM.from_pretrained(tmp_path / "ckpt")), logits(old))
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    edit_json(tmp_path / "ckpt" / "config.json", dim=48)
+    with pytest.raises(ValueError) as info:
+        PaLM.from_pretrained(tmp_path / "ckpt")
+    message = str(info.value)
+    assert "token_emb.weight: shape (32, 32) in the file, (32, 48) in the model" in message
+    assert "norm.weight: shape (32,) in the file, (48,) in the model" in message
+
+
+def test_missing_tensor_is_named(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["blocks.1.ff_out.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"missing tensors \['blocks.1.ff_out.weight'\]"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = {**load_file(weights), "extra.weight": torch.zeros(2)}
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"unexpected tensors \['extra.weight'\]"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_lora_json_without_lora_weights_is_missing_tensors(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "lora.json").write_text(json.dumps({"actor": {"rank": 2}}))
+    with pytest.raises(ValueError, match=r"missing tensors \[.*adapters\.actor"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        PaLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_config_json(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_missing_weights_file(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_config_with_unknown_key_is_named(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    edit_json(tmp_path / "ckpt" / "config.json", dimm=64)
+    with pytest.raises(ValueError, match=r"unknown keys \['dimm'\]"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_config_with_invalid_value_names_field(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    edit_json(tmp_path / "ckpt" / "config.json", kv_heads=3)
+    with pytest.raises(ValueError, match="kv_heads: must divide heads=4"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_config_not_json_names_path(tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- no pickles
+
+
+class TouchOnUnpickle:
+    """Unpickling this creates `path`: a harmless stand-in for arbitrary code execution."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def write_raw_pickle(path: pathlib.Path, marker: pathlib.Path) -> None:
+    path.write_bytes(pickle.dumps({"token_emb.weight": TouchOnUnpickle(marker)}))
+
+
+def write_torch_zip(path: pathlib.Path, marker: pathlib.Path) -> None:
+    torch.save({"token_emb.weight": TouchOnUnpickle(marker)}, path)
+
+
+def write_torch_legacy(path: pathlib.Path, marker: pathlib.Path) -> None:
+    torch.save(
+        {"token_emb.weight": TouchOnUnpickle(marker)}, path, _use_new_zipfile_serialization=False
+    )
+
+
+def read_raw_pickle(path: pathlib.Path) -> None:
+    pickle.loads(path.read_bytes())
+
+
+def read_torch(path: pathlib.Path) -> None:
+    torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "write, unsafe_read",
+    [
+        (write_raw_pickle, read_raw_pickle),
+        (write_torch_zip, read_torch),
+        (write_torch_legacy, read_torch),
+    ],
+)
+def test_pickle_in_place_of_safetensors_is_refused_unread(tmp_path, write, unsafe_read):
+    # Control: the payload really does run code when unpickled (else the test proves nothing).
+    control = tmp_path / "control-marker"
+    write(tmp_path / "control.bin", control)
+    unsafe_read(tmp_path / "control.bin")
+    assert control.exists()
+
+    make_model().save_pretrained(tmp_path / "ckpt")
+    marker = tmp_path / "pwned-marker"
+    write(tmp_path / "ckpt" / "model.safetensors", marker)
+    with pytest.raises(ValueError, match="safetensors"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_real_torch_state_dict_is_refused(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.save(model.state_dict(), tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        PaLM.from_pretrained(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_write_bytes_atomic_writes_and_replaces(tmp_path):
+    path = tmp_path / "sub" / "state.bin"
+    write_bytes_atomic(path, b"first")
+    assert path.read_bytes() == b"first"
+    write_bytes_atomic(path, b"second, longer")
+    assert path.read_bytes() == b"second, longer"
+    assert listing(path.parent) == ["state.bin"]
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_write_bytes_atomic_failure_keeps_old_content(tmp_path, monkeypatch, failing):
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError(f"{failing} failed")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match=f"{failing} failed"):
+        write_bytes_atomic(path, b"new content")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    assert listing(tmp_path) == ["state.bin"]
+
+
+def test_replace_dir_atomic_crash_in_fill_keeps_old_dir(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "a.json").write_text("old")
+
+    def fill(tmp: pathlib.Path) -> None:
+        (tmp / "a.json").write_text("half-writ")
+        raise KeyboardInterrupt  # even a BaseException must clean up
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir_atomic(target, fill, ["a.json"])
+    assert listing(tmp_path) == ["ckpt"]
+    assert listing(target) == ["a.json"]
+    assert (target / "a.json").read_text() == "old"
+
+
+def test_replace_dir_atomic_crash_on_new_dir_leaves_nothing(tmp_path):
+    def fill(tmp: pathlib.Path) -> None:
+        (tmp / "a.json").write_text("partial")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        replace_dir_atomic(tmp_path / "ckpt", fill, ["a.json"])
+    assert listing(tmp_path) == []
+
+
+def test_replace_dir_atomic_success_swaps_contents(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "a.json").write_text("old")
+    (target / "b.json").write_text("stale")
+    replace_dir_atomic(target, lambda tmp: (tmp / "a.json").write_text("new"), ["a.json", "b.json"])
+    assert listing(target) == ["a.json"]
+    assert (target / "a.json").read_text() == "new"
+    assert listing(tmp_path) == ["ckpt"]
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def umask_mode(kind: str, tmp_path: pathlib.Path) -> int:
+    """The mode an ordinary mkdir / write_bytes gets under the current umask."""
+    reference = tmp_path / f"reference-{kind}"
+    reference.mkdir() if kind == "dir" else reference.write_bytes(b"")
+    mode = stat.S_IMODE(reference.stat().st_mode)
+    reference.rmdir() if kind == "dir" else reference.unlink()
+    return mode
+
+
+def test_saved_checkpoint_dir_has_umask_permissions(tmp_path):
+    expected = umask_mode("dir", tmp_path)
+    make_model().save_pretrained(tmp_path / "ckpt")
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == expected
+
+
+def test_write_bytes_atomic_file_has_umask_permissions(tmp_path):
+    expected = umask_mode("file", tmp_path)
+    write_bytes_atomic(tmp_path / "state.bin", b"x")
+    assert stat.S_IMODE((tmp_path / "state.bin").stat().st_mode) == expected

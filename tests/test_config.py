@@ -1,0 +1,281 @@
+"""Config dataclasses: validation names the field, JSON round trip, unknown keys rejected."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from palm_rlhf.config import (
+    LORA_TARGETS,
+    LoRAConfig,
+    PaLMConfig,
+    config_from_dict,
+    field_docs,
+    load_config,
+    save_config,
+)
+
+BASE = dict(num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+INT_FIELDS = (
+    "num_tokens",
+    "dim",
+    "depth",
+    "heads",
+    "kv_heads",
+    "dim_head",
+    "ff_mult",
+    "max_seq_len",
+)
+
+
+def config(**overrides) -> PaLMConfig:
+    return PaLMConfig(**{**BASE, **overrides})
+
+
+def every_field_changed() -> PaLMConfig:
+    """A config where no field holds its default, so a round trip that drops one is caught."""
+    return PaLMConfig(
+        num_tokens=33,
+        dim=48,
+        depth=3,
+        heads=6,
+        kv_heads=2,
+        dim_head=16,
+        ff_mult=3,
+        max_seq_len=77,
+        rotary_base=500.5,
+        use_xpos=True,
+        xpos_scale_base=256.0,
+        qk_norm=True,
+        qk_norm_scale=7.5,
+        dropout=0.25,
+        z_loss_weight=1e-4,
+        causal=False,
+        init_std=0.01,
+    )
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_every_field_changed_really_changes_every_field():
+    defaults = PaLMConfig(num_tokens=1)
+    changed = every_field_changed()
+    same = [
+        f.name
+        for f in dataclasses.fields(PaLMConfig)
+        if getattr(defaults, f.name) == getattr(changed, f.name)
+    ]
+    assert same == []
+
+
+def test_palm_config_json_round_trip(tmp_path):
+    original = every_field_changed()
+    path = tmp_path / "config.json"
+    save_config(original, path)
+    on_disk = json.loads(path.read_text())
+    assert sorted(on_disk) == sorted(f.name for f in dataclasses.fields(PaLMConfig))
+    loaded = load_config(PaLMConfig, path)
+    assert loaded == original
+    assert type(loaded.rotary_base) is float and type(loaded.use_xpos) is bool
+
+
+def test_palm_config_dict_round_trip():
+    original = every_field_changed()
+    assert PaLMConfig.from_dict(original.to_dict()) == original
+    assert PaLMConfig.from_dict(json.loads(json.dumps(original.to_dict()))) == original
+
+
+def test_lora_config_json_round_trip(tmp_path):
+    original = LoRAConfig(rank=3, alpha=5.0, targets=("attn_out", "ff_out"))
+    path = tmp_path / "lora.json"
+    save_config(original, path)
+    assert json.loads(path.read_text())["targets"] == ["attn_out", "ff_out"]
+    loaded = load_config(LoRAConfig, path)
+    assert loaded == original
+    assert loaded.targets == ("attn_out", "ff_out")  # a JSON list comes back as a tuple
+
+
+def test_lora_targets_list_is_stored_as_tuple():
+    assert LoRAConfig(targets=["ff_out"]).targets == ("ff_out",)
+    assert LoRAConfig().targets == LORA_TARGETS
+
+
+def test_ff_inner_dim_is_dim_times_ff_mult():
+    assert config(dim=32, ff_mult=3).ff_inner_dim == 96
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+
+def test_config_from_dict_rejects_unknown_key_by_name():
+    with pytest.raises(ValueError, match=r"unknown keys \['dimm'\]"):
+        config_from_dict(PaLMConfig, {**BASE, "dimm": 64})
+
+
+def test_lora_config_from_dict_rejects_unknown_key_by_name():
+    with pytest.raises(ValueError, match=r"unknown keys \['ranks'\]"):
+        config_from_dict(LoRAConfig, {"ranks": 4})
+
+
+def test_load_config_rejects_unknown_key_naming_key_and_path(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**BASE, "hedas": 4}))
+    with pytest.raises(ValueError) as info:
+        load_config(PaLMConfig, path)
+    assert "hedas" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_config_from_dict_rejects_non_object():
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        config_from_dict(PaLMConfig, [1, 2])
+
+
+def test_load_config_missing_required_field_is_value_error_naming_path(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"dim": 32}))
+    with pytest.raises(ValueError) as info:
+        load_config(PaLMConfig, path)
+    assert str(path) in str(info.value) and "num_tokens" in str(info.value)
+
+
+def test_load_config_invalid_json_names_path(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"num_tokens": 32,')
+    with pytest.raises(ValueError) as info:
+        load_config(PaLMConfig, path)
+    assert str(info.value).startswith(f"{path}: not valid JSON")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("value", [0, -1])
+def test_non_positive_int_rejected_naming_field(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}: must be positive, got {value}$"):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_bool_passed_as_int_rejected_naming_field(name):
+    with pytest.raises(ValueError, match=rf"^{name}: must be an int, got True$"):
+        config(**{name: True})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_float_passed_as_int_rejected_naming_field(name):
+    with pytest.raises(ValueError, match=rf"^{name}: must be an int"):
+        config(**{name: 4.0})
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 3), (6, 4), (4, 8)])
+def test_kv_heads_must_divide_heads(heads, kv_heads):
+    with pytest.raises(ValueError, match=rf"^kv_heads: must divide heads={heads}"):
+        config(heads=heads, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (4, 4), (6, 3)])
+def test_kv_heads_dividing_heads_accepted(heads, kv_heads):
+    assert config(heads=heads, kv_heads=kv_heads).kv_heads == kv_heads
+
+
+@pytest.mark.parametrize("dim_head", [7, 9, 1])
+def test_odd_dim_head_rejected(dim_head):
+    with pytest.raises(ValueError, match=rf"^dim_head: must be even for rotary, got {dim_head}$"):
+        config(dim_head=dim_head)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, math.nan])
+def test_dropout_out_of_range_rejected(dropout):
+    with pytest.raises(ValueError, match=r"^dropout: must be in \[0, 1\)"):
+        config(dropout=dropout)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 0.999])
+def test_dropout_in_range_accepted(dropout):
+    assert config(dropout=dropout).dropout == dropout
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("rotary_base", 0.0),
+        ("rotary_base", -1.0),
+        ("xpos_scale_base", 0.0),
+        ("z_loss_weight", -1e-4),
+        ("init_std", 0.0),
+        ("qk_norm_scale", -2.0),
+        ("rotary_base", math.nan),
+    ],
+)
+def test_bad_float_rejected_naming_field(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=-2), "rank"),
+        (dict(rank=2.0), "rank"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(targets=()), "targets"),
+        (dict(targets=("attn_out", "qkv")), "targets"),
+    ],
+)
+def test_lora_config_validation_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        LoRAConfig(**kwargs)
+
+
+def test_lora_unknown_target_is_named():
+    with pytest.raises(ValueError, match=r"unknown projections \['qkv'\]"):
+        LoRAConfig(targets=("qkv",))
+
+
+def test_lora_rank_bool_rejected():
+    try:
+        LoRAConfig(rank=True)
+    except ValueError as error:
+        assert str(error).startswith("rank: ")
+    else:
+        raise AssertionError("LoRAConfig(rank=True) was accepted")
+
+
+# ----------------------------------------------------------------------------- frozen, docs
+
+
+def test_palm_config_is_frozen():
+    cfg = config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 64
+    assert cfg.dim == 32
+
+
+def test_lora_config_is_frozen():
+    cfg = LoRAConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 2
+    assert cfg.rank == 8
+
+
+@pytest.mark.parametrize("cls", [PaLMConfig, LoRAConfig])
+def test_every_field_has_a_docstring(cls):
+    docs = field_docs(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert sorted(docs) == sorted(names)
+    for name in names:
+        assert docs[name].strip(), name
+        assert "\n" not in docs[name] and "  " not in docs[name], name  # whitespace folded
+
+
+def test_field_docs_text_is_the_literal_under_the_field():
+    assert field_docs(PaLMConfig)["dim"] == "Model width (residual stream size)."
+    assert field_docs(LoRAConfig)["targets"] == (
+        "Projections that get an adapter: fused_proj (q, k, v and the SwiGLU inputs), "
+        "attn_out, ff_out."
+    )
