@@ -20,16 +20,12 @@ from .lora import LoRALinear
 
 
 class RotaryTables(NamedTuple):
-    """cos/sin tables for the queries and the keys, each (b, 1, n, d/2).
+    """cos and sin of each position's angles, each (b, n, 1, d/2), or (b, n, h + k, d/2) under
+    xPos, where the h query heads are scaled by s^pos and the k key heads by s^-pos so that
+    their product decays with relative distance."""
 
-    Queries and keys differ only under xPos, where queries are scaled by s^pos and keys by
-    s^-pos so that their product decays with relative distance.
-    """
-
-    cos_q: Tensor
-    sin_q: Tensor
-    cos_k: Tensor
-    sin_k: Tensor
+    cos: Tensor
+    sin: Tensor
 
 
 class Rotary(nn.Module):
@@ -37,6 +33,8 @@ class Rotary(nn.Module):
 
     Driven by explicit integer positions (b, n) so that a left-padded row and the same row
     alone see identical angles, and cached decoding sees the angles of a full forward.
+    Queries and keys are rotated together in one call: they sit side by side in the fused
+    projection's output.
     """
 
     def __init__(self, config: PaLMConfig) -> None:
@@ -51,19 +49,27 @@ class Rotary(nn.Module):
         self.use_xpos = config.use_xpos
         self.xpos_scale_base = config.xpos_scale_base
         self.xpos_offset = config.max_seq_len // 2
+        self.heads, self.kv_heads = config.heads, config.kv_heads
 
     def forward(self, positions: Tensor) -> RotaryTables:
-        angles = positions[:, None, :, None].float() * self.inv_freq  # (b, 1, n, d/2)
+        angles = positions[:, :, None, None].float() * self.inv_freq  # (b, n, 1, d/2)
         cos, sin = angles.cos(), angles.sin()
         if not self.use_xpos:
-            return RotaryTables(cos, sin, cos, sin)
-        power = (positions[:, None, :, None].float() - self.xpos_offset) / self.xpos_scale_base
-        scale = self.xpos_base**power
-        return RotaryTables(cos * scale, sin * scale, cos / scale, sin / scale)
+            return RotaryTables(cos, sin)
+        power = (positions[:, :, None, None].float() - self.xpos_offset) / self.xpos_scale_base
+        scale = self.xpos_base**power  # (b, n, 1, d/2)
+        scale = torch.cat(
+            (
+                scale.expand(-1, -1, self.heads, -1),
+                scale.reciprocal().expand(-1, -1, self.kv_heads, -1),
+            ),
+            dim=2,
+        )  # (b, n, h + k, d/2)
+        return RotaryTables(cos * scale, sin * scale)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[j], x[j + d/2]) by the position's angle. x: (b, h, n, d)."""
+    """Rotate the pairs (x[j], x[j + d/2]) by the position's angle. x: (b, n, heads, d)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -81,8 +87,7 @@ class ParallelBlock(nn.Module):
         self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
         inner = config.ff_inner_dim
         self.split_sizes = (
-            config.heads * config.dim_head,  # q
-            config.kv_heads * config.dim_head,  # k
+            (config.heads + config.kv_heads) * config.dim_head,  # q and k, rotated together
             config.kv_heads * config.dim_head,  # v
             inner,  # SwiGLU value
             inner,  # SwiGLU gate
@@ -110,19 +115,19 @@ class ParallelBlock(nn.Module):
         (keys, values), each (b, k, max_len, d); this call writes positions
         [cache_start, cache_start + n) and attends to everything before them too."""
         normed = self.norm(x)
-        q, k, v, ff_value, ff_gate = self.fused_proj(normed, lora_scope).split(
+        qk, v, ff_value, ff_gate = self.fused_proj(normed, lora_scope).split(
             self.split_sizes, dim=-1
         )
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(k, "b n (k d) -> b k n d", k=self.kv_heads)
-        v = rearrange(v, "b n (k d) -> b k n d", k=self.kv_heads)
-
+        qk = qk.unflatten(-1, (self.heads + self.kv_heads, self.dim_head))  # (b, n, h + k, d)
         scale = None
         if self.qk_scale is not None:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            q, scale = q * self.qk_scale, 1.0
-        q = apply_rotary(q, rotary.cos_q, rotary.sin_q)
-        k = apply_rotary(k, rotary.cos_k, rotary.sin_k)
+            qk = F.normalize(qk, dim=-1)
+            qk = torch.cat((qk[:, :, : self.heads] * self.qk_scale, qk[:, :, self.heads :]), 2)
+            scale = 1.0
+        qk = apply_rotary(qk, rotary.cos, rotary.sin)
+        q = rearrange(qk[:, :, : self.heads], "b n h d -> b h n d")
+        k = rearrange(qk[:, :, self.heads :], "b n k d -> b k n d")
+        v = rearrange(v, "b n (k d) -> b k n d", k=self.kv_heads)
 
         if cache_layer is not None:
             cache_keys, cache_values = cache_layer

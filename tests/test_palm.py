@@ -7,7 +7,6 @@ from conftest import tiny_config, tiny_model
 from einops import rearrange
 
 from palm_rlhf import PaLM, lm_loss
-from palm_rlhf.layers import apply_rotary
 from palm_rlhf.palm import IGNORE_INDEX
 
 CONFIGS = {
@@ -19,11 +18,18 @@ CONFIGS = {
 }
 
 
+def rotate(x, cos, sin):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 def reference_block(block, x, positions, config):
     """A slow, literal PaLM block: explicit per-head softmax attention, no SDPA, no folding."""
     h, k_heads, d = config.heads, config.kv_heads, config.dim_head
     normed = F.layer_norm(x, (config.dim,), block.norm.weight)
-    q, k, v, value, gate = (normed @ block.fused_proj.weight.T).split(block.split_sizes, dim=-1)
+    inner = config.dim * config.ff_mult
+    sizes = (h * d, k_heads * d, k_heads * d, inner, inner)
+    q, k, v, value, gate = (normed @ block.fused_proj.weight.T).split(sizes, dim=-1)
     q = rearrange(q, "b n (h d) -> b h n d", h=h)
     k = rearrange(k, "b n (k d) -> b k n d", k=k_heads).repeat_interleave(h // k_heads, dim=1)
     v = rearrange(v, "b n (k d) -> b k n d", k=k_heads).repeat_interleave(h // k_heads, dim=1)
@@ -39,9 +45,9 @@ def reference_block(block, x, positions, config):
         s = base ** (
             (positions[:, None, :, None] - config.max_seq_len // 2) / config.xpos_scale_base
         )
-        q, k = apply_rotary(q, cos * s, sin * s), apply_rotary(k, cos / s, sin / s)
+        q, k = rotate(q, cos * s, sin * s), rotate(k, cos / s, sin / s)
     else:
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     scores = (q @ k.transpose(-1, -2)) * scale
     n = x.shape[1]
     scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
@@ -69,7 +75,7 @@ def test_architecture_is_palm():
     block = model.blocks[0]
     # q (h*d) + one shared k and v (d each) + SwiGLU value and gate, all from one projection.
     inner = config.dim * config.ff_mult
-    assert block.fused_proj.weight.shape == (4 * 8 + 2 * 8 + 2 * inner, config.dim)
+    assert block.fused_proj.weight.shape == (4 * 8 + 8 + 8 + 2 * inner, config.dim)
     assert block.norm.bias is None and model.norm.bias is None
     # Tied embeddings: the output projection is the input embedding, not a copy.
     hidden = torch.randn(1, 3, config.dim)
