@@ -103,17 +103,67 @@ def save_model_dir(
     directory: str | Path,
     state_dict: dict[str, torch.Tensor],
     json_files: dict[str, Any],
+    extra_tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write `json_files` (name -> JSON-able object; None skips it) and the weights."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    """Write `json_files` (name -> JSON-able object; None skips it), the weights as
+    model.safetensors and any `extra_tensor_files` (name -> tensors), all in one atomic swap."""
+    tensor_files = {WEIGHTS_NAME: state_dict, **(extra_tensor_files or {})}
+    tensor_files = {
+        name: {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+        for name, tensors in tensor_files.items()
+    }
 
     def fill(tmp: Path) -> None:
         for name, obj in json_files.items():
             if obj is not None:
                 (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, tensors in tensor_files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
 
-    replace_dir_atomic(directory, fill, [*json_files, WEIGHTS_NAME])
+    replace_dir_atomic(directory, fill, [*json_files, *tensor_files])
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tensors, scalars) into tensors + a JSON skeleton.
+
+    Optimizer and RNG states are nested Python objects holding tensors; torch.save would pickle
+    them. Here the tensors go to safetensors and the structure to JSON, so loading never
+    unpickles. Dict keys keep their type (optimizer state is keyed by int).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[k, walk(v, f"{path}.{k}")] for k, v in value.items()]}
+        if isinstance(value, list | tuple):
+            items = [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+            return {"__tuple__": items} if isinstance(value, tuple) else items
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at {path!r} in a checkpoint")
+
+    return tensors, walk(obj, prefix or "state")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            key = skeleton["__tensor__"]
+            if key not in tensors:
+                raise ValueError(f"training state is missing tensor {key!r}")
+            return tensors[key]
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__dict__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        raise ValueError(f"unrecognised training-state entry {sorted(skeleton)}")
+    return skeleton
 
 
 def read_json(path: Path) -> Any:

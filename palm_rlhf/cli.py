@@ -3,14 +3,143 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import PRESETS, PaLMConfig, TrainConfig, field_docs, preset_config
 from .generation import generate
 from .palm import PaLM
 from .tokenizer import ByteTokenizer
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    skip: Sequence[str] = (),
+    defaults_from_preset: bool = False,
+) -> None:
+    """One --option per dataclass field, typed from its default, documented by its docstring."""
+    group = parser.add_argument_group(title)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        default = field.default
+        kind = type(default) if default is not dataclasses.MISSING else int
+        help_text = docs.get(field.name, "")
+        if defaults_from_preset:
+            help_text += " (default: from --preset)"
+        else:
+            help_text += f" (default: {default})"
+        group.add_argument(
+            _flag(field.name),
+            dest=field.name,
+            default=None,
+            type=_parse_bool if kind is bool else kind,
+            help=help_text,
+        )
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
+    values = dict(base)
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            values[field.name] = value
+    return cls(**values)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
+    sft = name == "sft"
+    parser = subparsers.add_parser(
+        name,
+        help="supervised fine-tuning on prompt/response JSONL" if sft else "pretrain a PaLM",
+        description=(
+            'Fine-tune on a JSONL of {"prompt", "response"}; the loss counts response tokens only.'
+            if sft
+            else "Pretrain a PaLM on the built-in stdlib corpus or local text files."
+        ),
+    )
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="model size (PaLMConfig overrides below win)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights" + (" (required)" if sft else ""),
+        required=sft,
+    )
+    parser.add_argument(
+        "--log-with", default=None, help="accelerate tracker, e.g. tensorboard or wandb"
+    )
+    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
+    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
+    add_dataclass_options(
+        parser, PaLMConfig, "model (PaLMConfig)", skip=("num_tokens",), defaults_from_preset=True
+    )
+    parser.set_defaults(run=run_train, sft=sft)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from .train_lm import train_lm
+
+    tokenizer = ByteTokenizer()
+    base = preset_config(args.preset, tokenizer.vocab_size)
+    model_config = dataclass_from_args(PaLMConfig, args, **dataclasses.asdict(base))
+    train_config = dataclass_from_args(TrainConfig, args)
+    if args.sft and args.data is None:
+        raise ValueError("sft needs --data PATH to a JSONL of prompt/response pairs")
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=train_config.mixed_precision,
+        log_with=args.log_with,
+        project_dir=str(args.out),
+    )
+    history = train_lm(
+        model_config,
+        train_config,
+        args.out,
+        resume=args.resume,
+        init_checkpoint=args.init,
+        sft=args.sft,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        log_with=args.log_with,
+    )
+    if accelerator.is_main_process and history:
+        last = history[-1]
+        summary = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+        )
+        print(f"done: {summary}; checkpoints in {args.out / 'checkpoints'}")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +149,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Sample continuations of one or more prompts from a saved PaLM checkpoint.",
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="directory written by save_pretrained / pretrain"
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint directory, or a run directory (uses its latest checkpoint)",
     )
     parser.add_argument(
         "--prompt",
@@ -39,9 +171,21 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_generate)
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory (with checkpoints/latest.json) stands for its latest checkpoint."""
+    from .train_state import TrainingCheckpoints
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = TrainingCheckpoints(path / "checkpoints").latest()
+    return latest if latest is not None else path
+
+
+@torch.inference_mode()
 def run_generate(args: argparse.Namespace) -> None:
     tokenizer = ByteTokenizer()
-    model = PaLM.from_pretrained(args.checkpoint)
+    model = PaLM.from_pretrained(resolve_checkpoint(args.checkpoint))
     if model.config.num_tokens != tokenizer.vocab_size:
         raise ValueError(
             f"{args.checkpoint}: model has {model.config.num_tokens} tokens, the "
@@ -68,6 +212,8 @@ def run_generate(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm-rlhf", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(subparsers, "pretrain")
+    add_train_parser(subparsers, "sft")
     add_generate_parser(subparsers)
     return parser
 
@@ -75,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with torch.inference_mode():
-            args.run(args)
+        args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"palm-rlhf {args.command}: error: {error}", file=sys.stderr)
         return 2

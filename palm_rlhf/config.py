@@ -130,7 +130,10 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+    from .checkpoint import write_bytes_atomic
+
+    text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode())
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
@@ -189,3 +192,110 @@ class LoRAConfig:
         _check(len(self.targets) > 0, "targets", "must name at least one projection")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         _check(not unknown, "targets", f"unknown projections {unknown}; choose from {LORA_TARGETS}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Pretraining / SFT loop settings (`palm_rlhf.train_lm`)."""
+
+    data: str = "stdlib"
+    """Corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder of text
+    files, a .gz file or a .jsonl file (see jsonl_field). For SFT: a JSONL of prompt/response."""
+    jsonl_field: str = "text"
+    """Field holding each document's text in a .jsonl corpus."""
+    seq_len: int = 256
+    """Tokens per training sequence (documents are packed with eos between them)."""
+    batch_size: int = 16
+    """Sequences per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    steps: int = 1000
+    """Optimizer steps to train for (total, including steps before a resume)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 100
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices; norms and embeddings are not decayed."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16' (autocast through accelerate)."""
+    eval_every: int = 200
+    """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
+    eval_batches: int = 8
+    """Held-out micro-batches per evaluation."""
+    sample_every: int = 500
+    """Print a sample every N steps (0 disables)."""
+    sample_prompt: str = "def "
+    """Prompt for periodic samples."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_every: int = 500
+    """Save model + full training state every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    time_limit_s: float = 0.0
+    """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_batches",
+            "log_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                f"must be a positive int, got {value!r}",
+            )
+        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                f"must be a non-negative int, got {value!r}",
+            )
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            "min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(
+            self.mixed_precision in ("no", "bf16"),
+            "mixed_precision",
+            f"must be 'no' or 'bf16', got {self.mixed_precision!r}",
+        )
+        _check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
+
+
+# Named model sizes for the CLI. `tiny` trains in minutes on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=256, depth=4, heads=4, dim_head=64, max_seq_len=512),
+    "small": dict(dim=512, depth=8, heads=8, dim_head=64, max_seq_len=1024),
+    "base": dict(dim=1024, depth=16, heads=16, dim_head=64, max_seq_len=2048),
+}
+
+
+def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PaLMConfig(num_tokens=num_tokens, **{**PRESETS[name], **overrides})

@@ -181,19 +181,7 @@ class PaLM(nn.Module):
         A target counts when it is a real token (mask) and, if given, loss_mask is True at its
         position (e.g. response tokens only for SFT).
         """
-        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
-        input_mask = None if mask is None else mask[:, :-1]
-        keep = torch.ones_like(targets, dtype=torch.bool)
-        if mask is not None:
-            keep &= mask[:, 1:].bool()
-        if loss_mask is not None:
-            if loss_mask.shape != tokens.shape:
-                raise ValueError(
-                    f"loss_mask shape {tuple(loss_mask.shape)} does not match "
-                    f"tokens {tuple(tokens.shape)}"
-                )
-            keep &= loss_mask[:, 1:].bool()
-        targets[~keep] = IGNORE_INDEX
+        inputs, input_mask, targets = shift_targets(tokens, mask, loss_mask)
         logits = self(inputs, mask=input_mask, lora_scope=lora_scope)
         return lm_loss(logits, targets, z_loss_weight=self.config.z_loss_weight)
 
@@ -228,6 +216,29 @@ class PaLM(nn.Module):
             return model
 
         return load_model_dir(directory, build, ("config.json", "lora.json"))
+
+
+def shift_targets(
+    tokens: Tensor, mask: Tensor | None = None, loss_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(b, n) tokens -> inputs (b, n-1), their mask, and next-token targets (b, n-1) with
+    IGNORE_INDEX wherever the target is padding (mask False) or outside loss_mask."""
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}"
+        )
+    if loss_mask is not None and loss_mask.shape != tokens.shape:
+        raise ValueError(
+            f"loss_mask shape {tuple(loss_mask.shape)} does not match tokens {tuple(tokens.shape)}"
+        )
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    keep = torch.ones_like(targets, dtype=torch.bool)
+    if mask is not None:
+        keep &= mask[:, 1:].bool()
+    if loss_mask is not None:
+        keep &= loss_mask[:, 1:].bool()
+    targets[~keep] = IGNORE_INDEX
+    return inputs, None if mask is None else mask[:, :-1], targets
 
 
 def lm_loss(

@@ -1,0 +1,104 @@
+"""Training checkpoints: the model in `save_pretrained` form plus everything needed to resume.
+
+Layout of `root/`:
+    step_0000500/   config.json, model.safetensors (loadable by PaLM.from_pretrained),
+                    train_state.safetensors + train_state.json (optimizer, RNG of every
+                    process, step), and any extra JSON the loop adds (its TrainConfig)
+    latest.json     {"step": 500, "dir": "step_0000500"}, replaced atomically after the
+                    directory is complete
+
+A process killed at any moment leaves `latest.json` pointing at a complete checkpoint: the new
+directory is built under a temporary name and renamed into place before the pointer moves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .checkpoint import (
+    flatten_state,
+    load_safetensors,
+    read_json,
+    save_model_dir,
+    unflatten_state,
+    write_bytes_atomic,
+)
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+class TrainingCheckpoints:
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        self.root, self.keep = Path(root), keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest.json"
+        if not pointer.is_file():
+            return None
+        directory = self.root / read_json(pointer)["dir"]
+        if not (directory / STATE_JSON).is_file():
+            raise FileNotFoundError(f"{pointer} points at {directory}, which is incomplete")
+        return directory
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accelerator: Accelerator,
+        json_files: dict[str, Any] | None = None,
+    ) -> Path:
+        directory = self.root / f"step_{step:07d}"
+        # Every process's RNG state, so dropout and sampling continue identically on resume.
+        rng = accelerator.gather(torch.get_rng_state()[None].to(accelerator.device)).cpu()
+        if accelerator.is_main_process:
+            tensors, skeleton = flatten_state(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng,
+                    "step": step,
+                    "num_processes": accelerator.num_processes,
+                }
+            )
+            lora = {n: c.__dict__ for n, c in getattr(model, "lora_configs", {}).items()}
+            files = {
+                "config.json": model.config.to_dict(),
+                "lora.json": lora or None,
+                STATE_JSON: skeleton,
+                **(json_files or {}),
+            }
+            save_model_dir(directory, model.state_dict(), files, {STATE_TENSORS: tensors})
+            pointer = {"step": step, "dir": directory.name}
+            write_bytes_atomic(self.root / "latest.json", json.dumps(pointer).encode())
+            self._prune(keep_name=directory.name)
+        accelerator.wait_for_everyone()
+        return directory
+
+    def restore(
+        self, directory: Path, optimizer: torch.optim.Optimizer, accelerator: Accelerator
+    ) -> int:
+        """Load optimizer and RNG state into this process; return the step to continue from."""
+        state = unflatten_state(
+            read_json(directory / STATE_JSON), load_safetensors(directory / STATE_TENSORS)
+        )
+        if state["num_processes"] != accelerator.num_processes:
+            raise ValueError(
+                f"{directory}: saved by {state['num_processes']} processes, resuming with "
+                f"{accelerator.num_processes}; exact resume needs the same number"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"][accelerator.process_index].contiguous())
+        return int(state["step"])
+
+    def _prune(self, keep_name: str) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep)]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,230 @@
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from palm_rlhf import ByteTokenizer, PaLM
+from palm_rlhf.config import PaLMConfig, TrainConfig
+from palm_rlhf.train_lm import WindowSchedule, lr_at, param_groups, read_metrics, train_lm
+from palm_rlhf.train_state import TrainingCheckpoints
+
+TOK = ByteTokenizer()
+SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+
+
+def tiny_model_config(**overrides) -> PaLMConfig:
+    values = dict(num_tokens=TOK.vocab_size, dim=32, depth=2, heads=2, dim_head=16, max_seq_len=64)
+    return PaLMConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(60):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(8))
+        (folder / f"mod{i:02d}.py").write_text(body)
+    return folder
+
+
+def quick_config(corpus: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=str(corpus),
+        seq_len=32,
+        batch_size=4,
+        steps=6,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=3,
+        eval_batches=2,
+        sample_every=0,
+        log_every=1,
+        checkpoint_every=2,
+        seed=0,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_lr_schedule_hand_computed():
+    config = TrainConfig(lr=1.0, warmup_steps=4, steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, config) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, config) == pytest.approx(1.0)
+    assert lr_at(9, config) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr_at(14, config) == pytest.approx(0.1)
+    assert lr_at(100, config) == pytest.approx(0.1)
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+    model = PaLM(tiny_model_config())
+    decay, no_decay = param_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    for name, param in model.named_parameters():
+        expected = param.ndim >= 2 and "token_emb" not in name
+        assert (id(param) in decayed) == expected, name
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_window_schedule_covers_every_item_each_epoch():
+    schedule = WindowSchedule(10, seed=3)
+    first, second = schedule.items(0, 10), schedule.items(10, 10)
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    assert WindowSchedule(10, seed=3).items(7, 6) == schedule.items(7, 6)
+
+
+def test_pretraining_learns_and_logs(corpus, tmp_path):
+    history = train_lm(
+        tiny_model_config(),
+        quick_config(corpus, steps=30, eval_every=15),
+        tmp_path / "run",
+        show_progress=False,
+    )
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "tokens_per_s"):
+        assert key in metrics[0]
+    evals = [m["eval_bpb"] for m in metrics if "eval_bpb" in m]
+    assert len(evals) == 2 and evals[-1] < evals[0] < 8.5
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
+    assert history[0]["loss"] == pytest.approx(math.log(TOK.vocab_size), abs=0.3)
+    # The final checkpoint is a normal save_pretrained directory.
+    latest = TrainingCheckpoints(tmp_path / "run" / "checkpoints").latest()
+    assert latest.name == "step_0000030"
+    model = PaLM.from_pretrained(latest)
+    assert model.config == tiny_model_config()
+
+
+def test_resume_replays_the_same_losses_bitwise(corpus, tmp_path):
+    torch.set_num_threads(1)
+    config = quick_config(corpus, steps=6, checkpoint_every=3, keep_checkpoints=5)
+    full = train_lm(tiny_model_config(dropout=0.1), config, tmp_path / "full", show_progress=False)
+    # Interrupted run: the same run directory as it stood after step 3.
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step_0000003", resumed_dir / "step_0000003"
+    )
+    (resumed_dir / "latest.json").write_text(json.dumps({"step": 3, "dir": "step_0000003"}))
+    resumed = train_lm(
+        tiny_model_config(dropout=0.1),
+        config,
+        tmp_path / "resumed",
+        resume=True,
+        show_progress=False,
+    )
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full[3:]]
+    a = PaLM.from_pretrained(tmp_path / "full" / "checkpoints" / "step_0000006")
+    b = PaLM.from_pretrained(tmp_path / "resumed" / "checkpoints" / "step_0000006")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_resume_refuses_a_different_model_config(corpus, tmp_path):
+    config = quick_config(corpus, steps=2)
+    train_lm(tiny_model_config(), config, tmp_path / "run", show_progress=False)
+    with pytest.raises(ValueError, match="does not match the requested model config"):
+        train_lm(
+            tiny_model_config(dim=48),
+            quick_config(corpus, steps=4),
+            tmp_path / "run",
+            resume=True,
+            show_progress=False,
+        )
+
+
+def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(corpus), str(out), "4", "kill-on-second-save"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    latest = TrainingCheckpoints(out / "checkpoints").latest()
+    assert latest.name == "step_0000001"
+    PaLM.from_pretrained(latest)  # loads cleanly
+    assert not (out / "checkpoints" / "step_0000002").exists()
+    # And the run resumes from it.
+    history = train_lm(
+        tiny_model_config(),
+        quick_config(
+            corpus, steps=3, warmup_steps=1, seed=1, eval_every=0, checkpoint_every=1, lr=3e-3
+        ),
+        out,
+        resume=True,
+        show_progress=False,
+    )
+    assert [h["step"] for h in history] == [2, 3]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    two = subprocess.run(
+        [*launch, str(SCRIPT), str(corpus), str(tmp_path / "two"), "2", "run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), str(corpus), str(tmp_path / "one"), "4", "run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"result_rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "one" / "result_rank0.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    # DDP keeps the replicas identical...
+    assert ranks[0]["param_first"] == ranks[1]["param_first"]
+    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
+    # ...and 2 x 2 sequences per step is the same optimisation as 1 x 4 (up to float
+    # summation order in the gradient all-reduce).
+    for a, b in zip(ranks[0]["losses"], single["losses"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-4)
+
+
+def test_sft_from_a_pretrained_checkpoint(corpus, tmp_path):
+    train_lm(
+        tiny_model_config(), quick_config(corpus, steps=2), tmp_path / "base", show_progress=False
+    )
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as handle:
+        for i in range(80):
+            handle.write(json.dumps({"prompt": f"square {i}?", "response": f" {i * i}"}) + "\n")
+    init = TrainingCheckpoints(tmp_path / "base" / "checkpoints").latest()
+    history = train_lm(
+        tiny_model_config(),
+        quick_config(pairs, steps=25, eval_every=25),
+        tmp_path / "sft",
+        init_checkpoint=init,
+        sft=True,
+        show_progress=False,
+    )
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
+    assert 0 < history[-1]["eval_bpb"] < 8.5
