@@ -6,6 +6,7 @@ import torch
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.cli import main
+from palm_rlhf.train_lm import read_metrics
 
 
 def test_help_lists_commands_and_options(capsys):
@@ -64,3 +65,94 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     model.save_pretrained(tmp_path / "small")
     assert main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "a"]) == 2
     assert "byte tokenizer needs 259" in capsys.readouterr().err
+
+
+def test_pretrain_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--preset",
+        "--data",
+        "--steps",
+        "--out",
+        "--resume",
+        "--seq-len",
+        "--grad-accum",
+        "--mixed-precision",
+        "--dim",
+        "--kv-heads",
+    ):
+        assert option in text
+    # Help text comes from the config field docstrings.
+    assert "Micro-batches accumulated per optimizer step" in text
+
+
+def test_pretrain_then_resume_then_generate(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: print({i})\n" for i in range(400)))
+    common = [
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "run"),
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--dim-head",
+        "16",
+        "--max-seq-len",
+        "64",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--sample-every",
+        "0",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--cpu",
+    ]
+    assert main(["pretrain", *common, "--steps", "2"]) == 0
+    assert main(["pretrain", *common, "--steps", "4", "--resume"]) == 0  # extend the run
+    steps = [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert steps == [1, 2, 3, 4]
+    # A checkpoint whose model config does not match what was asked for is refused.
+    changed = [*common[: common.index("--dim") + 1], "48", *common[common.index("--dim") + 2 :]]
+    assert main(["pretrain", *changed, "--steps", "6", "--resume"]) == 2
+    assert "does not match the requested model config" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--prompt",
+                "line ",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("line ")
+
+
+def test_pretrain_bad_input_names_the_problem(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run"), "--cpu"]
+    assert main(["pretrain", "--data", str(tmp_path / "missing.txt"), *out]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    assert main(["pretrain", "--data", str(tmp_path / "blob.bin"), *out]) == 2
+    assert "binary file" in capsys.readouterr().err
+    assert main(["pretrain", "--data", "stdlib", "--steps", "0", *out]) == 2
+    assert "steps: must be a positive int" in capsys.readouterr().err
