@@ -35,14 +35,24 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """A bias-free linear layer with optional named adapters, chosen per call."""
+    """A bias-free linear layer with optional named adapters, chosen per call.
+
+    `packed` optionally holds an MKL-packed copy of the weight for inference on CPU (see
+    `palm_rlhf.generation.packed_weights`); it is only read when autograd is off, and its
+    product is identical to F.linear's.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.adapters = nn.ModuleDict()
+        self.packed: tuple[Tensor, int] | None = None
 
     def forward(self, x: Tensor, scope: str | None = None) -> Tensor:
-        out = F.linear(x, self.weight)
+        if self.packed is not None and not torch.is_grad_enabled():
+            packed_weight, rows = self.packed
+            out = torch.ops.mkl._mkl_linear(x, packed_weight, self.weight, None, rows)
+        else:
+            out = F.linear(x, self.weight)
         if scope is not None and scope in self.adapters:
             out = out + self.adapters[scope](x)
         return out

@@ -144,3 +144,20 @@ def test_bad_generation_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         generate(tiny_model(), **args)
+
+
+def test_packed_weight_decoding_equals_plain_decoding():
+    from palm_rlhf.generation import can_pack_weights
+    from palm_rlhf.lora import LoRALinear
+
+    model = tiny_model()
+    if not can_pack_weights(model):
+        pytest.skip("this torch build has no MKL packed GEMM")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    kwargs = dict(max_new_tokens=12, temperature=0.0, pad_id=PAD)
+    packed = generate(model, prompts, pack_weights=True, **kwargs)
+    plain = generate(model, prompts, pack_weights=False, **kwargs)
+    assert torch.equal(packed.tokens, plain.tokens)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-6, rtol=0)
+    # The packed copies are released after the call, and training never sees them.
+    assert all(m.packed is None for m in model.modules() if isinstance(m, LoRALinear))
