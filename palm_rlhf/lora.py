@@ -39,7 +39,7 @@ class LoRALinear(nn.Linear):
 
     `packed` optionally holds an MKL-packed copy of the weight for inference on CPU (see
     `palm_rlhf.generation.packed_weights`); it is only read when autograd is off, and its
-    product is identical to F.linear's.
+    product equals F.linear's up to float rounding.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:

@@ -158,6 +158,6 @@ def test_packed_weight_decoding_equals_plain_decoding():
     packed = generate(model, prompts, pack_weights=True, **kwargs)
     plain = generate(model, prompts, pack_weights=False, **kwargs)
     assert torch.equal(packed.tokens, plain.tokens)
-    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
     # The packed copies are released after the call, and training never sees them.
     assert all(m.packed is None for m in model.modules() if isinstance(m, LoRALinear))
