@@ -106,9 +106,10 @@ def packed_weights(model: PaLM, rows: int) -> Iterator[None]:
     """Give every projection an MKL-packed copy of its weight for the duration of a decode.
 
     On CPU, decoding multiplies a few rows by each weight matrix; MKL's packed GEMM does that
-    markedly faster for batches of rows than a plain GEMM (benchmarks/bench_model.py); products
-    agree with F.linear's to float rounding (tested at atol 1e-5 on log-probs). Packing reads each weight once (about one decoding step's worth of
-    work) and holds a second copy of the weights until the decode ends.
+    markedly faster for batches of rows than a plain GEMM (benchmarks/bench_model.py). Products
+    agree with F.linear's to float rounding (tested at atol 1e-5 on log-probs). Packing reads
+    each weight once (about one decoding step's worth of work) and holds a second copy of the
+    weights until the decode ends.
     """
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     try:
