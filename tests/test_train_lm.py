@@ -228,3 +228,17 @@ def test_sft_from_a_pretrained_checkpoint(corpus, tmp_path):
     )
     assert history[-1]["loss"] < history[0]["loss"] - 1.0
     assert 0 < history[-1]["eval_bpb"] < 8.5
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    history = train_lm(
+        tiny_model_config(),
+        quick_config(corpus, steps=12, eval_every=12, mixed_precision="bf16"),
+        tmp_path / "bf16",
+        show_progress=False,
+    )
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    # Weights stay float32 (autocast only changes the compute dtype).
+    model = PaLM.from_pretrained(TrainingCheckpoints(tmp_path / "bf16" / "checkpoints").latest())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
