@@ -209,12 +209,123 @@ def run_generate(args: argparse.Namespace) -> None:
         print("-" * 40)
 
 
+def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .reward import RewardConfig
+
+    parser = subparsers.add_parser(
+        "reward",
+        help="train a reward model on rankings, pairs or ratings",
+        description="Train a reward model (a PaLM trunk + scalar head) on preference JSONL: "
+        'rankings {"prompt", "responses", "ranking"}, pairs {"prompt", "chosen", "rejected"} '
+        'or ratings {"prompt", "response", "rating"}. Held-out pairwise accuracy is logged.',
+    )
+    parser.add_argument(
+        "--init",
+        required=True,
+        type=Path,
+        help="PaLM checkpoint (or run directory) to initialise the trunk from",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="share of prompts held out for eval_accuracy",
+    )
+    parser.add_argument("--log-with", default=None, help="accelerate tracker")
+    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
+    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
+    add_dataclass_options(parser, RewardConfig, "reward model (RewardConfig)")
+    parser.set_defaults(run=run_reward)
+
+
+def run_reward(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from .reward import RewardConfig
+    from .train_reward import train_reward
+
+    if args.data is None:
+        raise ValueError("reward needs --data PATH to a preference JSONL")
+    train_config = dataclass_from_args(TrainConfig, args)
+    reward_config = dataclass_from_args(RewardConfig, args)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=train_config.mixed_precision,
+        log_with=args.log_with,
+        project_dir=str(args.out),
+    )
+    history = train_reward(
+        resolve_checkpoint(args.init),
+        args.data,
+        train_config,
+        reward_config,
+        args.out,
+        resume=args.resume,
+        heldout_fraction=args.heldout_fraction,
+        accelerator=accelerator,
+        log_with=args.log_with,
+    )
+    if accelerator.is_main_process and history:
+        last = history[-1]
+        summary = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+        )
+        print(f"done: {summary}; checkpoints in {args.out / 'checkpoints'}")
+
+
+def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score responses with a reward model",
+        description="Print the reward model's score of each --response to --prompt.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a reward checkpoint directory, or a reward run directory",
+    )
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument(
+        "--response",
+        action="append",
+        required=True,
+        help="response text; repeat the flag to score several",
+    )
+    parser.add_argument(
+        "--raw", action="store_true", help="print raw scores instead of normalised ones"
+    )
+    parser.set_defaults(run=run_score)
+
+
+@torch.inference_mode()
+def run_score(args: argparse.Namespace) -> None:
+    from .preferences import encode_completion
+    from .reward import RewardModel
+    from .tokenizer import pad_sequences
+
+    tokenizer = ByteTokenizer()
+    model = RewardModel.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    prompt, limit = tokenizer.encode(args.prompt), model.trunk.config.max_seq_len
+    rows = [encode_completion(tokenizer, prompt, tokenizer.encode(r), limit) for r in args.response]
+    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    scores = model(tokens, mask, normalized=not args.raw)
+    for response, score in zip(args.response, scores.tolist(), strict=True):
+        print(f"{score:+.4f}\t{response!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm-rlhf", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers, "pretrain")
     add_train_parser(subparsers, "sft")
     add_generate_parser(subparsers)
+    add_reward_parser(subparsers)
+    add_score_parser(subparsers)
     return parser
 
 

@@ -200,7 +200,8 @@ class TrainConfig:
 
     data: str = "stdlib"
     """Corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder of text
-    files, a .gz file or a .jsonl file (see jsonl_field). For SFT: a JSONL of prompt/response."""
+    files, a .gz file or a .jsonl file (see jsonl_field). For SFT: a JSONL of prompt/response;
+    for reward: a preference JSONL."""
     jsonl_field: str = "text"
     """Field holding each document's text in a .jsonl corpus."""
     seq_len: int = 256

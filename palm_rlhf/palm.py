@@ -7,6 +7,7 @@ v vocabulary. Masks: True = real token.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -197,12 +198,12 @@ class PaLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json (+ lora.json) and model.safetensors, atomically."""
+        save_model_dir(directory, self.state_dict(), self.checkpoint_json())
+
+    def checkpoint_json(self) -> dict[str, Any]:
+        """The JSON files of a checkpoint of this model (None = not written)."""
         lora = {name: cfg.__dict__ for name, cfg in self.lora_configs.items()}
-        save_model_dir(
-            directory,
-            self.state_dict(),
-            {"config.json": self.config.to_dict(), "lora.json": lora or None},
-        )
+        return {"config.json": self.config.to_dict(), "lora.json": lora or None}
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PaLM:

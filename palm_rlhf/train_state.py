@@ -67,13 +67,9 @@ class TrainingCheckpoints:
                     "num_processes": accelerator.num_processes,
                 }
             )
-            lora = {n: c.__dict__ for n, c in getattr(model, "lora_configs", {}).items()}
-            files = {
-                "config.json": model.config.to_dict(),
-                "lora.json": lora or None,
-                STATE_JSON: skeleton,
-                **(json_files or {}),
-            }
+            # The model's own JSON (config.json, ...) makes the directory loadable by its
+            # from_pretrained.
+            files = {**model.checkpoint_json(), STATE_JSON: skeleton, **(json_files or {})}
             save_model_dir(directory, model.state_dict(), files, {STATE_TENSORS: tensors})
             pointer = {"step": step, "dir": directory.name}
             write_bytes_atomic(self.root / "latest.json", json.dumps(pointer).encode())

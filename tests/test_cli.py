@@ -156,3 +156,68 @@ def test_pretrain_bad_input_names_the_problem(tmp_path, capsys):
     assert "binary file" in capsys.readouterr().err
     assert main(["pretrain", "--data", "stdlib", "--steps", "0", *out]) == 2
     assert "steps: must be a positive int" in capsys.readouterr().err
+
+
+def test_reward_then_score(tmp_path, capsys):
+    torch.manual_seed(0)
+    trunk = PaLM(PaLMConfig(num_tokens=259, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64))
+    trunk.save_pretrained(tmp_path / "trunk")
+    prefs = tmp_path / "prefs.jsonl"
+    with open(prefs, "w") as handle:
+        for i in range(40):
+            handle.write(f'{{"prompt": "p{i}", "chosen": "aaaa", "rejected": "bbbb"}}\n')
+    args = [
+        "reward",
+        "--data",
+        str(prefs),
+        "--init",
+        str(tmp_path / "trunk"),
+        "--out",
+        str(tmp_path / "rm"),
+        "--steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "30",
+        "--log-every",
+        "10",
+        "--lora-rank",
+        "4",
+        "--cpu",
+    ]
+    assert main(args) == 0
+    assert "eval_accuracy=1" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "score",
+                "--checkpoint",
+                str(tmp_path / "rm"),
+                "--prompt",
+                "p1",
+                "--response",
+                "aaaa",
+                "--response",
+                "bbbb",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    good, bad = (float(line.split("\t")[0]) for line in lines)
+    assert good > bad
+    # Missing data and a plain PaLM checkpoint given as a reward model fail clearly.
+    assert main(["reward", "--init", str(tmp_path / "trunk"), "--out", str(tmp_path / "x")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert (
+        main(["score", "--checkpoint", str(tmp_path / "trunk"), "--prompt", "p", "--response", "a"])
+        == 2
+    )
+    assert "reward_config.json" in capsys.readouterr().err

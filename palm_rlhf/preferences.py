@@ -1,0 +1,273 @@
+"""Human preference data for the reward model: JSONL readers, encoding and a prompt-level split.
+
+One JSON object per line; the format is told apart per line by its keys, so one file may mix
+them (other keys, e.g. an id, are ignored):
+
+- pair:    {"prompt": str, "chosen": str, "rejected": str}
+- ranking: {"prompt": str, "responses": [str, ...] (K >= 2), "ranking": [...]} where ranking
+           lists response indices best first and an element may be a list of tied indices,
+           e.g. [[0, 2], 1]: responses 0 and 2 tie for best, 1 is worst.
+- rating:  {"prompt": str, "response": str, "rating": int | float}
+
+Pairs and rankings become `PreferenceGroup`s (a pair is K=2 with ranks [0, 1]); ratings become
+`RatedExample`s. Every error names file:line and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .data import _decode_utf8, _parse_jsonl, _read_bytes, _string_field
+from .tokenizer import Tokenizer, pad_sequences
+
+# The keys that identify each record format.
+_MARKERS = {
+    "pair": {"chosen", "rejected"},
+    "ranking": {"responses", "ranking"},
+    "rating": {"response", "rating"},
+}
+
+
+@dataclass(frozen=True)
+class PreferenceGroup:
+    """K >= 2 responses to one prompt; ranks[i] is response i's rank, lower is better, ties
+    share a rank (ranks are tier numbers: [[0, 2], 1] gives [0, 1, 0])."""
+
+    prompt: str
+    responses: list[str]
+    ranks: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.responses) < 2 or len(self.ranks) != len(self.responses):
+            raise ValueError(
+                f"a preference group needs K >= 2 responses and one rank each, got "
+                f"{len(self.responses)} responses and {len(self.ranks)} ranks"
+            )
+
+
+@dataclass(frozen=True)
+class RatedExample:
+    """One response with a graded score (for a rating head or regression)."""
+
+    prompt: str
+    response: str
+    rating: int | float
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    """What a preference file holds: comparison groups and rated examples, in file order."""
+
+    groups: list[PreferenceGroup]
+    ratings: list[RatedExample]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_preferences(path: str | Path) -> PreferenceData:
+    """Read a JSONL (or .jsonl.gz) preference file; see the module docstring for formats."""
+    path = Path(path)
+    text = _decode_utf8(path, _read_bytes(path))
+    groups: list[PreferenceGroup] = []
+    ratings: list[RatedExample] = []
+    for lineno, obj in _parse_jsonl(path, text):
+        kind = _detect(f"{path}:{lineno}", obj)
+        if kind == "rating":
+            ratings.append(_read_rating(path, lineno, obj))
+        elif kind == "pair":
+            prompt, chosen, rejected = (
+                _string_field(path, lineno, obj, f) for f in ("prompt", "chosen", "rejected")
+            )
+            groups.append(PreferenceGroup(prompt, [chosen, rejected], [0, 1]))
+        else:
+            groups.append(_read_ranking(path, lineno, obj))
+    if not groups and not ratings:
+        raise ValueError(f"{path}: no preference records (empty file)")
+    return PreferenceData(groups, ratings)
+
+
+def _detect(where: str, obj: dict[str, Any]) -> str:
+    kinds = [kind for kind, keys in _MARKERS.items() if keys & obj.keys()]
+    if len(kinds) == 1:
+        return kinds[0]
+    expected = "; ".join(f"{kind}: {sorted(keys)}" for kind, keys in _MARKERS.items())
+    problem = "mixes the keys of" if kinds else "matches none of"
+    raise ValueError(f"{where}: record with keys {sorted(obj)} {problem} the formats ({expected})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_rating(path: Path, lineno: int, obj: dict[str, Any]) -> RatedExample:
+    prompt = _string_field(path, lineno, obj, "prompt")
+    response = _string_field(path, lineno, obj, "response")
+    if "rating" not in obj:
+        raise ValueError(f"{path}:{lineno}: missing field 'rating' (has {sorted(obj)})")
+    rating = obj["rating"]
+    if not (_is_int(rating) or isinstance(rating, float)) or not math.isfinite(rating):
+        raise ValueError(f"{path}:{lineno}: field 'rating' must be a finite number, got {rating!r}")
+    return RatedExample(prompt, response, rating)
+
+
+def _read_ranking(path: Path, lineno: int, obj: dict[str, Any]) -> PreferenceGroup:
+    where = f"{path}:{lineno}"
+    prompt = _string_field(path, lineno, obj, "prompt")
+    for field in ("responses", "ranking"):
+        if field not in obj:
+            raise ValueError(f"{where}: missing field {field!r} (has {sorted(obj)})")
+    responses = obj["responses"]
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise ValueError(f"{where}: field 'responses' must be a list of strings")
+    if len(responses) < 2:
+        raise ValueError(
+            f"{where}: field 'responses' must hold K >= 2 responses, got {len(responses)}"
+        )
+    return PreferenceGroup(
+        prompt, responses, _ranks_from_ranking(where, obj["ranking"], len(responses))
+    )
+
+
+def _ranks_from_ranking(where: str, ranking: Any, k: int) -> list[int]:
+    """[[0, 2], 1] -> ranks [0, 1, 0]: each response's tier; every index exactly once."""
+    if not isinstance(ranking, list) or not ranking:
+        raise ValueError(
+            f"{where}: field 'ranking' must be a non-empty list of response indices, best "
+            f"first, got {ranking!r}"
+        )
+    ranks: list[int | None] = [None] * k
+    for tier, entry in enumerate(ranking):
+        members = entry if isinstance(entry, list) else [entry]
+        if not members:
+            raise ValueError(f"{where}: field 'ranking': empty tie list at position {tier}")
+        for index in members:
+            if not _is_int(index):
+                raise ValueError(
+                    f"{where}: field 'ranking': expected a response index or a list of tied "
+                    f"indices, got {index!r}"
+                )
+            if not 0 <= index < k:
+                raise ValueError(
+                    f"{where}: field 'ranking': index {index} is out of range for {k} responses"
+                )
+            if ranks[index] is not None:
+                raise ValueError(f"{where}: field 'ranking': index {index} appears more than once")
+            ranks[index] = tier
+    missing = [i for i, rank in enumerate(ranks) if rank is None]
+    if missing:
+        raise ValueError(
+            f"{where}: field 'ranking' must list every response index 0..{k - 1} exactly once; "
+            f"missing {missing}"
+        )
+    if len(ranking) < 2:
+        raise ValueError(f"{where}: field 'ranking': all responses tie, nothing to compare")
+    return [int(rank) for rank in ranks]  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_completion(
+    tokenizer: Tokenizer, prompt: list[int], response: list[int], max_seq_len: int
+) -> list[int]:
+    """[bos] + prompt + response + [eos], at most max_seq_len tokens.
+
+    The reward is read at the last token (reward.py), so the end of the response and its eos
+    are never cut: an overlong row loses prompt tokens from the left first, and only if the
+    response + eos alone do not fit, the prompt is gone and the response loses its start.
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2 (bos + eos), got {max_seq_len}")
+    tail = [*response, tokenizer.eos_id]
+    if len(tail) + 1 > max_seq_len:
+        return [tokenizer.bos_id, *tail[len(tail) - (max_seq_len - 1) :]]
+    keep = max_seq_len - 1 - len(tail)
+    return [tokenizer.bos_id, *prompt[max(0, len(prompt) - keep) :], *tail]
+
+
+def encode_groups(
+    groups: Sequence[PreferenceGroup], tokenizer: Tokenizer, max_seq_len: int
+) -> dict[str, Tensor]:
+    """Flatten a batch of groups into N completions, each appearing once (InstructGPT forwards
+    each of the K completions once and compares all C(K, 2) pairs of their scores).
+
+    Returns tokens (N, n) long, right-padded; mask (N, n) bool (True = real token); ranks (N,)
+    long; group (N,) long, the index in `groups` of each completion's prompt.
+    """
+    if not groups:
+        raise ValueError("encode_groups needs at least one group")
+    rows, ranks, group_ids = [], [], []
+    for index, group in enumerate(groups):
+        prompt = tokenizer.encode(group.prompt)
+        for response, rank in zip(group.responses, group.ranks, strict=True):
+            rows.append(
+                encode_completion(tokenizer, prompt, tokenizer.encode(response), max_seq_len)
+            )
+            ranks.append(rank)
+            group_ids.append(index)
+    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    return {
+        "tokens": tokens,  # (N, n)
+        "mask": mask,  # (N, n)
+        "ranks": torch.tensor(ranks, dtype=torch.long),  # (N,)
+        "group": torch.tensor(group_ids, dtype=torch.long),  # (N,)
+    }
+
+
+def encode_ratings(
+    examples: Sequence[RatedExample], tokenizer: Tokenizer, max_seq_len: int
+) -> dict[str, Tensor]:
+    """tokens (b, n) right-padded, mask (b, n), ratings (b,): long if every rating is an int
+    (for a rating head), float otherwise (for regression)."""
+    if not examples:
+        raise ValueError("encode_ratings needs at least one example")
+    rows = [
+        encode_completion(
+            tokenizer, tokenizer.encode(ex.prompt), tokenizer.encode(ex.response), max_seq_len
+        )
+        for ex in examples
+    ]
+    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    return {"tokens": tokens, "mask": mask, "ratings": torch.tensor([ex.rating for ex in examples])}
+
+
+# ----------------------------------------------------------------------------- splitting
+
+G = TypeVar("G", PreferenceGroup, RatedExample)
+
+
+def _unit_hash(prompt: str, seed: int) -> float:
+    """A point in [0, 1) from sha256 (not Python's salted hash()): the same on every machine."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_groups(
+    items: Sequence[G], heldout_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[G], list[G]]:
+    """(train, heldout), deterministic and split by prompt, so no prompt lands in both.
+
+    A prompt is held out when the hash of (seed, prompt) falls below heldout_fraction. With two
+    or more distinct prompts neither side is left empty: if hashing puts all of them on one
+    side, the prompt with the extreme hash moves over (held-out accuracy needs something to
+    measure, checklist item 20). Works on `RatedExample`s too.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    points = {item.prompt: _unit_hash(item.prompt, seed) for item in items}
+    heldout = {prompt for prompt, u in points.items() if u < heldout_fraction}
+    if len(points) >= 2 and not heldout:
+        heldout = {min(points, key=points.__getitem__)}
+    if len(points) >= 2 and len(heldout) == len(points):
+        heldout.discard(max(points, key=points.__getitem__))
+    train = [item for item in items if item.prompt not in heldout]
+    return train, [item for item in items if item.prompt in heldout]
