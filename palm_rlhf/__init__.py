@@ -1,11 +1,14 @@
 """palm_rlhf: PaLM + RLHF in PyTorch."""
 
-from .config import LoRAConfig, PaLMConfig
+from .config import LoRAConfig, PaLMConfig, TrainConfig
 from .generation import GenerationOutput, generate
 from .kv_cache import KVCache
 from .lora import add_lora, lora_parameters, merge_lora, remove_lora
 from .palm import PaLM, lm_loss
+from .reward import RewardConfig, RewardModel, pairwise_loss, ranking_loss
 from .tokenizer import ByteTokenizer, Tokenizer, pad_sequences
+from .train_lm import train_lm
+from .train_reward import train_reward
 
 __all__ = [
     "ByteTokenizer",
@@ -14,14 +17,21 @@ __all__ = [
     "LoRAConfig",
     "PaLM",
     "PaLMConfig",
+    "RewardConfig",
+    "RewardModel",
     "Tokenizer",
+    "TrainConfig",
     "add_lora",
     "generate",
     "lm_loss",
     "lora_parameters",
     "merge_lora",
     "pad_sequences",
+    "pairwise_loss",
+    "ranking_loss",
     "remove_lora",
+    "train_lm",
+    "train_reward",
 ]
 
 __version__ = "0.1.0"
