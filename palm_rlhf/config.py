@@ -300,3 +300,94 @@ def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PaLMConfig(num_tokens=num_tokens, **{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO fine-tuning settings (`palm_rlhf.ppo.PPOTrainer`). Defaults follow "The N
+    Implementation Details of RLHF with PPO" (Huang et al.) scaled to toy models."""
+
+    rollout_batch_size: int = 16
+    """Prompts sampled per iteration (one response each)."""
+    max_new_tokens: int = 64
+    """Longest response."""
+    max_prompt_tokens: int = 128
+    """Prompts are cut to their last this-many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs everywhere divide logits by it (checklist 3). Sampling is
+    unfiltered (no top-k/top-p) so the PPO ratio compares the distribution actually sampled."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    minibatch_size: int = 8
+    """Responses per optimisation step."""
+    lr: float = 3e-4
+    """AdamW learning rate of the actor's adapters."""
+    critic_lr: float = 3e-4
+    """AdamW learning rate of the critic's adapters and value head."""
+    clip: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Value clip epsilon around the rollout's values."""
+    value_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (a bonus lowers the loss when entropy rises)."""
+    kl_coef: float = 0.05
+    """Initial per-token KL penalty beta against the reference policy."""
+    adaptive_kl: bool = False
+    """Adapt beta towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over valid tokens of the rollout batch."""
+    no_eos_penalty: float = -1.0
+    """Score given to a response that never emits eos instead of its reward (checklist 6);
+    set to nan to keep the reward's score."""
+    score_clip: float = 0.0
+    """Clip scores to [-score_clip, score_clip]; 0 disables."""
+    lora_rank: int = 8
+    """Rank of the actor and critic LoRA scopes."""
+    lora_alpha: float = 16.0
+    """Alpha of the actor and critic LoRA scopes."""
+    full_finetune: bool = False
+    """Train every policy weight instead of an actor adapter (the reference is then a frozen
+    copy, and the critic gets its own copy of the trunk)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 disables)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and minibatch shuffling."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "rollout_batch_size",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "ppo_epochs",
+            "minibatch_size",
+            "lora_rank",
+            "kl_horizon",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                f"must be a positive int, got {value!r}",
+            )
+        _check(
+            self.minibatch_size <= self.rollout_batch_size,
+            "minibatch_size",
+            f"must be <= rollout_batch_size={self.rollout_batch_size}",
+        )
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        for name in ("lr", "critic_lr", "clip", "value_clip", "lora_alpha", "kl_target"):
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")

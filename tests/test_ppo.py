@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.config import PPOConfig
+from palm_rlhf.ppo import PPOTrainer
+from palm_rlhf.reward import RewardConfig, RewardModel
+
+TOK = ByteTokenizer()
+PROMPTS = [f"p{i}:" for i in range(64)]
+METRICS = (
+    "score_mean",
+    "kl_ref",
+    "approx_kl",
+    "clip_frac",
+    "entropy",
+    "value_loss",
+    "response_len",
+)
+
+
+def policy_model(seed: int = 0) -> PaLM:
+    return tiny_model(seed=seed, num_tokens=TOK.vocab_size, max_seq_len=64)
+
+
+def even_bytes(prompts, responses):
+    """Dense toy reward: the share of response characters with an even code point."""
+    return [sum(ord(c) % 2 == 0 for c in r) / max(1, len(r)) for r in responses]
+
+
+def config(**overrides) -> PPOConfig:
+    values = dict(
+        rollout_batch_size=16,
+        minibatch_size=8,
+        max_new_tokens=10,
+        lr=1e-2,
+        critic_lr=1e-2,
+        kl_coef=0.01,
+        no_eos_penalty=float("nan"),
+        seed=0,
+    )
+    return PPOConfig(**{**values, **overrides})
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_metrics_are_logged(tmp_path):
+    trainer = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fn=even_bytes,
+        config=config(),
+        out_dir=tmp_path,
+        show_progress=False,
+    )
+    history = trainer.train(2)
+    for metrics in history:
+        assert metrics["first_ratio_max_dev"] == 0.0
+        for key in METRICS:
+            assert math.isfinite(metrics[key]), key
+    assert (tmp_path / "ppo_metrics.jsonl").read_text().count("\n") == 2
+    assert history[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at start
+
+
+def test_policy_improves_and_the_reference_stays_the_base():
+    policy = policy_model()
+    tokens = torch.randint(0, 256, (2, 12))
+    base_logits = policy(tokens).detach()
+    trainer = PPOTrainer(
+        policy, TOK, PROMPTS, reward_fn=even_bytes, config=config(), show_progress=False
+    )
+    history = trainer.train(25)
+    first = sum(h["score_mean"] for h in history[:3]) / 3
+    last = sum(h["score_mean"] for h in history[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert history[-1]["kl_ref"] > 0
+    # The reference is the base with adapters off: untouched by training, no copy kept.
+    torch.testing.assert_close(policy(tokens), base_logits, atol=0, rtol=0)
+    assert trainer.reference is policy
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert all(".adapters.actor." in n or ".adapters.critic." in n for n in trainable)
+
+
+def test_actor_and_critic_never_share_parameters():
+    trainer = PPOTrainer(
+        policy_model(), TOK, PROMPTS, reward_fn=even_bytes, config=config(), show_progress=False
+    )
+    actor, critic = trainer.optimizer.param_groups
+    assert {id(p) for p in actor["params"]}.isdisjoint(id(p) for p in critic["params"])
+    before = {id(p): p.detach().clone() for g in (actor, critic) for p in g["params"]}
+    trainer.train(1)
+    changed = [not torch.equal(before[id(p)], p) for p in actor["params"]]
+    assert any(changed)
+    assert any(not torch.equal(before[id(p)], p) for p in critic["params"])
+
+
+def test_no_eos_penalty_replaces_the_score():
+    always_five = lambda prompts, responses: [5.0] * len(responses)  # noqa: E731
+    trainer = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fn=always_five,
+        config=config(no_eos_penalty=-1.0, max_new_tokens=3),
+        show_progress=False,
+    )
+    prompts = PROMPTS[:16]
+    rollout, metrics, _ = trainer.rollout(prompts)
+    ended = (rollout.sequences[:, -3:] == TOK.eos_id).any(dim=1)
+    expected = torch.where(ended, torch.tensor(5.0), torch.tensor(-1.0))
+    assert torch.equal(rollout.scores.cpu(), expected)
+    # The score sits at the last real response token; nothing after it (checklist 7, 8).
+    assert (rollout.advantages[~rollout.response_mask] == 0).all()
+
+
+def test_critic_starts_from_the_reward_model():
+    torch.manual_seed(1)
+    trunk = PaLM(
+        PaLMConfig(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    )
+    reward_model = RewardModel(trunk, RewardConfig(lora_rank=2))
+    with torch.no_grad():
+        for name, param in reward_model.named_parameters():
+            if ".adapters.reward.up" in name:
+                param.normal_(0, 0.5)
+    trainer = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_model=reward_model,
+        config=config(),
+        show_progress=False,
+    )
+    tokens = torch.randint(0, 256, (3, 9))
+    with torch.no_grad():
+        values = trainer.critic(tokens)  # (3, 9)
+        torch.testing.assert_close(values[:, -1], reward_model(tokens), atol=1e-5, rtol=0)
+    history = trainer.train(1)
+    assert math.isfinite(history[0]["score_mean"])
+    # The reward model itself is frozen.
+    assert not any(p.requires_grad for p in reward_model.parameters())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="exactly one of reward_model or reward_fn"):
+        PPOTrainer(policy_model(), TOK, PROMPTS, config=config())
+    with pytest.raises(ValueError, match="prompts is empty"):
+        PPOTrainer(policy_model(), TOK, [], reward_fn=even_bytes, config=config())
+    with pytest.raises(ValueError, match="minibatch_size"):
+        PPOConfig(rollout_batch_size=4, minibatch_size=8)
+    trainer = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fn=lambda p, r: [1.0],
+        config=config(),
+        show_progress=False,
+    )
+    with pytest.raises(ValueError, match="reward_fn returned 1 scores for 16"):
+        trainer.train(1)
