@@ -23,8 +23,10 @@ Losses average over valid tokens of a minibatch (rl_math).
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +35,14 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    WEIGHTS_NAME,
+    flatten_state,
+    load_safetensors,
+    read_json,
+    save_model_dir,
+    unflatten_state,
+)
 from .config import LoRAConfig, PPOConfig
 from .generation import generate
 from .lora import lora_parameters, merge_lora
@@ -317,9 +327,9 @@ class PPOTrainer:
                     + entropy_bonus_loss(entropy, mask, config.entropy_coef)
                 )
                 self.accelerator.backward(loss)
+                self._average_gradients()
                 if config.grad_clip > 0:
-                    params = [p_ for group in self.optimizer.param_groups for p_ in group["params"]]
-                    self.accelerator.clip_grad_norm_(params, config.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(self._trainable(), config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 record = {
@@ -339,6 +349,80 @@ class PPOTrainer:
                 for key, value in record.items():
                     stats.setdefault(key, []).append(value)
         return {key: sum(values) / len(values) for key, values in stats.items()}
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _average_gradients(self) -> None:
+        """Average gradients over processes before every optimizer step, so each rank's actor
+        and critic stay identical (the predecessor's adapters drifted apart under DDP). Only
+        the adapters and value head train, so an explicit all-reduce of those small tensors
+        replaces a DDP wrapper around a model whose scopes are used by turns."""
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self._trainable():
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            param.grad = self.accelerator.reduce(grad, reduction="mean")
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        actor, critic = ({id(p) for p in g["params"]} for g in self.optimizer.param_groups)
+        state = {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in actor}
+        state.update(
+            {f"critic.{n}": p for n, p in self.critic.named_parameters() if id(p) in critic}
+        )
+        return state
+
+    def save(self, directory: str | Path) -> None:
+        """Everything needed to continue exactly: trained adapters (or the full policy), the
+        critic's adapter and head, optimizer, KL controller, RNG states and iteration. The
+        frozen base is not saved: it is the checkpoint the run started from."""
+        if self.accelerator.is_main_process:
+            tensors, skeleton = flatten_state(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "kl": self.kl_controller.state_dict(),
+                    "iteration": self.iteration,
+                    "torch_rng": torch.get_rng_state(),
+                    "generator": self.generator.get_state(),
+                }
+            )
+            save_model_dir(
+                directory,
+                self._trainable_state(),
+                {"ppo_config.json": asdict(self.config), "ppo_state.json": skeleton},
+                {"ppo_state.safetensors": tensors},
+            )
+        self.accelerator.wait_for_everyone()
+
+    def load(self, directory: str | Path) -> None:
+        """Restore a `save` directory into a trainer built the same way (same base policy,
+        reward model or function, and config)."""
+        directory = Path(directory)
+        saved_config = read_json(directory / "ppo_config.json")
+        if saved_config != json.loads(json.dumps(asdict(self.config))):
+            raise ValueError(f"{directory}: saved with a different PPOConfig: {saved_config}")
+        weights = load_safetensors(directory / WEIGHTS_NAME)
+        current = self._trainable_state()
+        if set(weights) != set(current):
+            missing = sorted(set(current) - set(weights))
+            extra = sorted(set(weights) - set(current))
+            raise ValueError(
+                f"{directory}: trainable tensors differ (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for name, param in current.items():
+                param.copy_(weights[name])
+        state = unflatten_state(
+            read_json(directory / "ppo_state.json"),
+            load_safetensors(directory / "ppo_state.safetensors"),
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.load_state_dict(state["kl"])
+        self.iteration = int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
 
     def step(self) -> dict[str, Any]:
         """One PPO iteration on the next rollout_batch_size prompts."""

@@ -160,3 +160,70 @@ def test_bad_arguments():
     )
     with pytest.raises(ValueError, match="reward_fn returned 1 scores for 16"):
         trainer.train(1)
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    def build():
+        return PPOTrainer(
+            policy_model(), TOK, PROMPTS, reward_fn=even_bytes, config=config(), show_progress=False
+        )
+
+    straight = build()
+    straight.train(2)
+    straight.save(tmp_path / "ppo")
+    expected = straight.train(2)
+    resumed = build()
+    resumed.load(tmp_path / "ppo")
+    assert resumed.iteration == 2
+    got = resumed.train(2)
+    for a, b in zip(expected, got, strict=True):
+        assert a == b
+    # A checkpoint from another config is refused by name.
+    other = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fn=even_bytes,
+        config=config(kl_coef=0.5),
+        show_progress=False,
+    )
+    with pytest.raises(ValueError, match="different PPOConfig"):
+        other.load(tmp_path / "ppo")
+
+
+def test_two_processes_keep_actor_and_critic_identical(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ppo_two_ranks.py"
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29519",
+    ]
+    result = subprocess.run(
+        [*launch, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["sums"] == ranks[1]["sums"] and ranks[0]["first"] == ranks[1]["first"]
+    assert any(".adapters.actor." in k for k in ranks[0]["sums"])
+    assert any(k.startswith("critic.") for k in ranks[0]["sums"])
