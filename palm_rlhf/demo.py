@@ -55,7 +55,7 @@ SETTINGS = {
         responses_per_prompt=4,
         response_tokens=48,
         reward_steps=150,
-        ppo_iterations=40,
+        ppo_iterations=25,
         model_overrides={},
     ),
     "smoke": DemoSettings(
@@ -213,7 +213,10 @@ def run_demo(
             max_new_tokens=new,
             lr=1e-3,
             critic_lr=1e-3,
-            kl_coef=0.02,
+            kl_coef=0.1,
+            # Responses are fixed-length continuations of source code, which rarely end a
+            # document: the rule ignores an unfinished last line, so no eos penalty either.
+            no_eos_penalty=float("nan"),
             seed=seed,
         ),
         out_dir=out,
