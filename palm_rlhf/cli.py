@@ -318,6 +318,74 @@ def run_score(args: argparse.Namespace) -> None:
         print(f"{score:+.4f}\t{response!r}")
 
 
+def add_ppo_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .config import PPOConfig
+
+    parser = subparsers.add_parser(
+        "ppo",
+        help="PPO fine-tuning against a reward model",
+        description="Fine-tune a policy checkpoint with PPO against a reward model checkpoint. "
+        "Writes OUT/policy (the policy with its 'actor' adapter; sample with generate "
+        "--lora-scope actor), OUT/ppo_state (for --resume) and OUT/ppo_metrics.jsonl.",
+    )
+    parser.add_argument(
+        "--policy", required=True, type=Path, help="PaLM checkpoint or run directory to start from"
+    )
+    parser.add_argument(
+        "--reward", required=True, type=Path, help="reward model checkpoint or run directory"
+    )
+    parser.add_argument(
+        "--prompts",
+        default="stdlib",
+        help="'stdlib' (source snippets) or a text file with one prompt per line",
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, default=600, help="prompts drawn from the stdlib corpus"
+    )
+    parser.add_argument("--iterations", type=int, default=25, help="PPO iterations")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/ppo_state")
+    add_dataclass_options(parser, PPOConfig, "PPO (PPOConfig)")
+    parser.set_defaults(run=run_ppo)
+
+
+def run_ppo(args: argparse.Namespace) -> None:
+    from .config import PPOConfig
+    from .labeler import stdlib_prompts
+    from .ppo import PPOTrainer
+    from .reward import RewardModel
+
+    if args.prompts == "stdlib":
+        prompts = stdlib_prompts(args.num_prompts, "train")
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such prompts file")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path}: no prompts (every line is empty)")
+    policy = PaLM.from_pretrained(resolve_checkpoint(args.policy))
+    reward_model = RewardModel.from_pretrained(resolve_checkpoint(args.reward))
+    trainer = PPOTrainer(
+        policy,
+        ByteTokenizer(),
+        prompts,
+        reward_model=reward_model,
+        config=dataclass_from_args(PPOConfig, args),
+        out_dir=args.out,
+    )
+    if args.resume:
+        trainer.load(args.out / "ppo_state")
+    history = trainer.train(args.iterations)
+    trainer.save(args.out / "ppo_state")
+    policy.save_pretrained(args.out / "policy")
+    last = history[-1]
+    print(
+        f"done: iteration {last['iteration']}, score_mean={last['score_mean']:.4g}, "
+        f"kl_ref={last['kl_ref']:.4g}; policy in {args.out / 'policy'}"
+    )
+
+
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -348,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_reward_parser(subparsers)
     add_score_parser(subparsers)
+    add_ppo_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -221,3 +222,60 @@ def test_reward_then_score(tmp_path, capsys):
         == 2
     )
     assert "reward_config.json" in capsys.readouterr().err
+
+
+def test_ppo_stage_runs_alone_and_resumes(tmp_path, capsys):
+    from palm_rlhf.reward import RewardConfig, RewardModel
+
+    torch.manual_seed(0)
+    config = PaLMConfig(num_tokens=259, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    PaLM(config).save_pretrained(tmp_path / "policy")
+    RewardModel(PaLM(config), RewardConfig()).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"def f{i}(x):\n" for i in range(20)))
+
+    def ppo_args(prompt_file, iterations, *extra):
+        return [
+            "ppo",
+            "--policy",
+            str(tmp_path / "policy"),
+            "--reward",
+            str(tmp_path / "rm"),
+            "--prompts",
+            str(prompt_file),
+            "--out",
+            str(tmp_path / "ppo"),
+            "--iterations",
+            str(iterations),
+            "--rollout-batch-size",
+            "4",
+            "--minibatch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            *extra,
+        ]
+
+    assert main(ppo_args(prompts, 2)) == 0
+    assert main(ppo_args(prompts, 1, "--resume")) == 0
+    lines = (tmp_path / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path / "ppo" / "policy"),
+                "--prompt",
+                "def ",
+                "--lora-scope",
+                "actor",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert main(ppo_args(tmp_path / "none.txt", 1)) == 2
+    assert "no such prompts file" in capsys.readouterr().err
