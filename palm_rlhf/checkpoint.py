@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -31,8 +31,10 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write a file via a temporary sibling + fsync + rename: readers see old or new, never half."""
+def write_stream_atomic(path: str | Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Write a file through `fill(handle)` into a temporary sibling, fsync, then rename: readers
+    see the old file or the new one, never half of one (streamed, so a large file need not fit
+    in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,13 +42,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         # mkstemp creates 0600 files; give the result the mode a plain open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`write_stream_atomic` for bytes already in memory."""
+    write_stream_atomic(path, lambda handle: handle.write(data))
 
 
 def replace_dir_atomic(

@@ -67,6 +67,13 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any
     return cls(**values)
 
 
+def print_done(last: dict[str, Any], out: Path) -> None:
+    summary = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+    )
+    print(f"done: {summary}; checkpoints in {out / 'checkpoints'}")
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
     sft = name == "sft"
     parser = subparsers.add_parser(
@@ -135,11 +142,7 @@ def run_train(args: argparse.Namespace) -> None:
         log_with=args.log_with,
     )
     if accelerator.is_main_process and history:
-        last = history[-1]
-        summary = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
-        )
-        print(f"done: {summary}; checkpoints in {args.out / 'checkpoints'}")
+        print_done(history[-1], args.out)
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -270,11 +273,7 @@ def run_reward(args: argparse.Namespace) -> None:
         log_with=args.log_with,
     )
     if accelerator.is_main_process and history:
-        last = history[-1]
-        summary = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
-        )
-        print(f"done: {summary}; checkpoints in {args.out / 'checkpoints'}")
+        print_done(history[-1], args.out)
 
 
 def add_score_parser(subparsers: argparse._SubParsersAction) -> None:

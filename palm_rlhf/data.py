@@ -10,13 +10,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import sys
 import sysconfig
-import tempfile
 import zlib
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .checkpoint import _umask, read_json, write_bytes_atomic
+from .checkpoint import read_json, write_bytes_atomic, write_stream_atomic
 from .tokenizer import Tokenizer, pad_sequences
 
 FORMAT_VERSION = 1
@@ -264,7 +262,7 @@ def build_token_file(
         if stats["num_documents"] == 0:
             raise ValueError(f"{sources[0].path}: the {split!r} split of its corpus has no text")
 
-    _write_stream_atomic(path, fill)
+    write_stream_atomic(path, fill)
     meta = {"format_version": FORMAT_VERSION, "split": split, "byteorder": sys.byteorder}
     meta.update(stats, dtype="int16", key=key)
     write_bytes_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
@@ -280,23 +278,6 @@ def _cache_key(
     parts = [FORMAT_VERSION, split, fraction, f"{cls.__module__}.{cls.__qualname__}", ids, probe]
     parts.append([s.fingerprint() for s in sources])
     return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
-
-
-def _write_stream_atomic(path: Path, fill: Callable[[BinaryIO], None]) -> None:
-    """checkpoint.write_bytes_atomic, streamed: a temporary sibling, fsync, then os.replace, so
-    the final name only ever holds a complete file (a corpus may not fit in memory twice)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
-        with os.fdopen(fd, "wb") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

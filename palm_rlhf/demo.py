@@ -20,8 +20,13 @@ import torch
 
 from .checkpoint import write_bytes_atomic
 from .config import PPOConfig, TrainConfig, preset_config
-from .generation import generate
-from .labeler import label_samples, rule_score, stdlib_prompts, write_rankings
+from .labeler import (
+    label_samples,
+    rule_score,
+    sample_completions,
+    stdlib_prompts,
+    write_rankings,
+)
 from .palm import PaLM
 from .plot import line_chart_png
 from .ppo import PPOTrainer
@@ -81,23 +86,11 @@ def rule_eval(
     seed: int,
 ) -> tuple[float, list[str]]:
     """Mean rule score of one sampled response per prompt, and the responses."""
-    out = generate(
-        policy,
-        [tokenizer.encode(p, add_bos=True) for p in prompts],
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        seed=seed,
-        lora_scope=lora_scope,
+    completions = sample_completions(
+        policy, tokenizer, prompts, max_new_tokens, seed=seed, lora_scope=lora_scope
     )
-    texts, scores = [], []
-    for tokens, mask in zip(out.tokens, out.mask, strict=True):
-        real = tokens[mask]
-        finished = bool(len(real)) and int(real[-1]) == tokenizer.eos_id
-        texts.append(tokenizer.decode(real))
-        scores.append(rule_score(texts[-1], finished))
-    return sum(scores) / len(scores), texts
+    scores = [rule_score(text, finished) for text, finished in completions]
+    return sum(scores) / len(scores), [text for text, _ in completions]
 
 
 @torch.no_grad()
@@ -160,8 +153,10 @@ def run_demo(
     groups = label_samples(policy, tok, train_prompts, k, new, seed=seed)
     heldout_groups = label_samples(policy, tok, heldout_prompts, k, new, seed=seed + 1)
     if len(groups) < 2:
-        raise ValueError(f"the labeler found preferences in only {len(groups)} of "
-                         f"{len(train_prompts)} prompts; pretrain longer (all samples tie)")
+        raise ValueError(
+            f"the labeler found preferences in only {len(groups)} of "
+            f"{len(train_prompts)} prompts; pretrain longer (all samples tie)"
+        )
     write_rankings(groups, out / "rankings.jsonl")
     timings["label_s"] = time.perf_counter() - began - sum(timings.values())
 

@@ -96,6 +96,38 @@ def stdlib_prompts(
 
 
 @torch.no_grad()
+def sample_completions(
+    policy: PaLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    lora_scope: str | None = None,
+) -> list[tuple[str, bool]]:
+    """One sampled completion per prompt: (text, finished), finished = it ended with eos."""
+    completions: list[tuple[str, bool]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [tokenizer.encode(p, add_bos=True) for p in prompts[start : start + batch_size]]
+        out = generate(
+            policy,
+            batch,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            seed=seed + start,
+            lora_scope=lora_scope,
+        )
+        for tokens, mask in zip(out.tokens, out.mask, strict=True):
+            real = tokens[mask]
+            finished = bool(len(real)) and int(real[-1]) == tokenizer.eos_id
+            completions.append((tokenizer.decode(real), finished))
+    return completions
+
+
+@torch.no_grad()
 def label_samples(
     policy: PaLM,
     tokenizer: Tokenizer,
@@ -111,23 +143,9 @@ def label_samples(
     """Sample k completions per prompt from `policy` and rank them with the rule. Groups whose
     completions all tie are dropped: they hold no preference."""
     rows = [p for p in prompts for _ in range(k)]
-    completions: list[tuple[str, bool]] = []
-    for start in range(0, len(rows), batch_size):
-        batch = [tokenizer.encode(p, add_bos=True) for p in rows[start : start + batch_size]]
-        out = generate(
-            policy,
-            batch,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-            seed=seed + start,
-            lora_scope=lora_scope,
-        )
-        for tokens, mask in zip(out.tokens, out.mask, strict=True):
-            real = tokens[mask]
-            finished = bool(len(real)) and int(real[-1]) == tokenizer.eos_id
-            completions.append((tokenizer.decode(real), finished))
+    completions = sample_completions(
+        policy, tokenizer, rows, max_new_tokens, temperature, seed, batch_size, lora_scope
+    )
     groups = []
     for index, prompt in enumerate(prompts):
         chunk = completions[index * k : (index + 1) * k]
