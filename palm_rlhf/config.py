@@ -319,7 +319,9 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     minibatch_size: int = 8
-    """Responses per optimisation step."""
+    """Responses per forward/backward pass."""
+    grad_accum: int = 1
+    """Minibatches whose gradients are accumulated into one optimizer step."""
     lr: float = 3e-4
     """AdamW learning rate of the actor's adapters."""
     critic_lr: float = 3e-4
@@ -370,6 +372,7 @@ class PPOConfig:
             "max_prompt_tokens",
             "ppo_epochs",
             "minibatch_size",
+            "grad_accum",
             "lora_rank",
             "kl_horizon",
         ):

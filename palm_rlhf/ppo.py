@@ -306,7 +306,8 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {}
         for epoch in range(config.ppo_epochs):
             order = first_order if epoch == 0 else torch.randperm(b, generator=self.generator)
-            for chunk in order.split(config.minibatch_size):
+            chunks = order.split(config.minibatch_size)
+            for index, chunk in enumerate(chunks):
                 seq, seq_mask = rollout.sequences[chunk], rollout.sequence_mask[chunk]
                 mask = rollout.response_mask[chunk]
                 logprobs, entropy = self._policy_logprobs(seq, seq_mask, p, self.actor_scope)
@@ -326,12 +327,15 @@ class PPOTrainer:
                     + config.value_coef * value_loss
                     + entropy_bonus_loss(entropy, mask, config.entropy_coef)
                 )
-                self.accelerator.backward(loss)
-                self._average_gradients()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self._trainable(), config.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # Gradient accumulation: grad_accum minibatches per optimizer step (the last
+                # step of an epoch may take fewer).
+                self.accelerator.backward(loss / config.grad_accum)
+                if (index + 1) % config.grad_accum == 0 or index == len(chunks) - 1:
+                    self._average_gradients()
+                    if config.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self._trainable(), config.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 record = {
                     **{k: v.item() for k, v in policy_stats.items()},
                     **{k: v.item() for k, v in value_stats.items()},

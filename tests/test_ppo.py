@@ -227,3 +227,18 @@ def test_two_processes_keep_actor_and_critic_identical(tmp_path):
     assert ranks[0]["sums"] == ranks[1]["sums"] and ranks[0]["first"] == ranks[1]["first"]
     assert any(".adapters.actor." in k for k in ranks[0]["sums"])
     assert any(k.startswith("critic.") for k in ranks[0]["sums"])
+
+
+@pytest.mark.parametrize("grad_accum, steps", [(1, 4), (2, 2), (3, 2)])
+def test_gradient_accumulation_takes_one_step_per_group_of_minibatches(grad_accum, steps):
+    trainer = PPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fn=even_bytes,
+        config=config(minibatch_size=4, grad_accum=grad_accum, ppo_epochs=1),
+        show_progress=False,
+    )
+    trainer.train(1)
+    param = trainer.optimizer.param_groups[0]["params"][0]
+    assert int(trainer.optimizer.state[param]["step"]) == steps
