@@ -102,20 +102,24 @@ def can_pack_weights(model: PaLM) -> bool:
 
 
 @contextmanager
-def packed_weights(model: PaLM, rows: int) -> Iterator[None]:
+def packed_weights(model: PaLM, rows: int, lora_scope: str | None = None) -> Iterator[None]:
     """Give every projection an MKL-packed copy of its weight for the duration of a decode.
 
     On CPU, decoding multiplies a few rows by each weight matrix; MKL's packed GEMM does that
     markedly faster for batches of rows than a plain GEMM (benchmarks/bench_model.py). Products
     agree with F.linear's to float rounding (tested at atol 1e-5 on log-probs). Packing reads
     each weight once (about one decoding step's worth of work) and holds a second copy of the
-    weights until the decode ends.
+    weights until the decode ends. With a LoRA scope, the copy is W + (alpha/r) B A, so decoding
+    with an adapter (PPO rollouts) costs no more than decoding the base.
     """
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     try:
         for layer in layers:
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows)
-            layer.packed = (packed, rows)
+            weight = layer.weight.detach()
+            if lora_scope is not None and lora_scope in layer.adapters:
+                weight = weight + layer.adapters[lora_scope].delta_weight().detach()
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+            layer.packed = (packed, rows, weight, lora_scope)
         yield
     finally:
         for layer in layers:
@@ -269,7 +273,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with packed_weights(model, b) if pack_weights else nullcontext():
+        with packed_weights(model, b, lora_scope) if pack_weights else nullcontext():
             tokens, logprobs, masks = _decode(
                 model,
                 prompt_tokens,

@@ -37,22 +37,23 @@ class LoRAAdapter(nn.Module):
 class LoRALinear(nn.Linear):
     """A bias-free linear layer with optional named adapters, chosen per call.
 
-    `packed` optionally holds an MKL-packed copy of the weight for inference on CPU (see
-    `palm_rlhf.generation.packed_weights`); it is only read when autograd is off, and its
-    product equals F.linear's up to float rounding.
+    `packed` optionally holds an MKL-packed copy of the weight, with one scope's adapter folded
+    in, for inference on CPU (see `palm_rlhf.generation.packed_weights`); it is only read when
+    autograd is off and the call asks for that scope, and its product equals the unpacked
+    path's up to float rounding.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.adapters = nn.ModuleDict()
-        self.packed: tuple[Tensor, int] | None = None
+        self.packed: tuple[Tensor, int, Tensor, str | None] | None = None
 
     def forward(self, x: Tensor, scope: str | None = None) -> Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
-            packed_weight, rows = self.packed
-            out = torch.ops.mkl._mkl_linear(x, packed_weight, self.weight, None, rows)
-        else:
-            out = F.linear(x, self.weight)
+            packed_weight, rows, weight, packed_scope = self.packed
+            if scope == packed_scope:  # the scope's adapter is already folded into the copy
+                return torch.ops.mkl._mkl_linear(x, packed_weight, weight, None, rows)
+        out = F.linear(x, self.weight)
         if scope is not None and scope in self.adapters:
             out = out + self.adapters[scope](x)
         return out

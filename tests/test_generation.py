@@ -161,3 +161,21 @@ def test_packed_weight_decoding_equals_plain_decoding():
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
     # The packed copies are released after the call, and training never sees them.
     assert all(m.packed is None for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_packed_decoding_with_a_lora_scope_equals_plain_decoding():
+    from palm_rlhf.generation import can_pack_weights
+
+    model = tiny_model()
+    if not can_pack_weights(model):
+        pytest.skip("this torch build has no MKL packed GEMM")
+    with torch.no_grad():
+        for param in model.add_lora("actor"):
+            param.normal_(0, 0.3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    kwargs = dict(max_new_tokens=12, temperature=0.0, pad_id=PAD, lora_scope="actor")
+    packed = generate(model, prompts, pack_weights=True, **kwargs)
+    plain = generate(model, prompts, pack_weights=False, **kwargs)
+    base = generate(model, prompts, max_new_tokens=12, temperature=0.0, pad_id=PAD)
+    assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(plain.tokens, base.tokens)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
