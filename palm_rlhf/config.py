@@ -227,7 +227,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     mixed_precision: str = "no"
-    """'no' or 'bf16' (autocast through accelerate)."""
+    """'no' or 'bf16' (autocast through accelerate, which fixes it once per process)."""
     eval_every: int = 200
     """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
     eval_batches: int = 8
