@@ -179,3 +179,16 @@ def test_packed_decoding_with_a_lora_scope_equals_plain_decoding():
     base = generate(model, prompts, max_new_tokens=12, temperature=0.0, pad_id=PAD)
     assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(plain.tokens, base.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+def test_categorical_sampling_matches_the_distribution():
+    from palm_rlhf.generation import sample_categorical
+
+    probs = torch.tensor([[0.0, 0.5, 0.25, 0.0, 0.15, 0.1]]).expand(40000, 6)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+    assert freq[0] == 0 and freq[3] == 0  # zero-probability tokens are never drawn
+    one_hot = torch.zeros(5, 6)
+    one_hot[:, 5] = 1.0
+    assert (sample_categorical(one_hot) == 5).all()
