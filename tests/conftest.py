@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -26,3 +28,24 @@ def tiny_model(seed: int = 0, **overrides) -> PaLM:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def two_process_launch(port: int) -> list[str]:
+    """`accelerate launch` of 2 real processes on CPU. `--multi_gpu` with Accelerator(cpu=True)
+    in the script; `--cpu --num_processes 2` would silently start only one."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, two_process_launch
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig
@@ -194,26 +194,10 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_two_processes_keep_actor_and_critic_identical(tmp_path):
     import json
     import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ppo_two_ranks.py"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29519",
-    ]
+    launch = two_process_launch(port=29519)
     result = subprocess.run(
         [*launch, str(script), str(tmp_path)],
         capture_output=True,

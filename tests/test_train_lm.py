@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_process_launch
 
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.config import PaLMConfig, TrainConfig
@@ -164,22 +165,7 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_p
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-    ]
+    launch = two_process_launch(port=29517)
     two = subprocess.run(
         [*launch, str(SCRIPT), str(corpus), str(tmp_path / "two"), "2", "run"],
         capture_output=True,
