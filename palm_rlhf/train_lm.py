@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import data as corpus
 from .checkpoint import write_bytes_atomic
-from .config import PaLMConfig, TrainConfig
+from .config import PaLMConfig, TrainConfig, save_config
 from .generation import generate
 from .palm import IGNORE_INDEX, PaLM, lm_loss, shift_targets
 from .tokenizer import ByteTokenizer, Tokenizer
@@ -231,13 +231,9 @@ def train_lm(
     if latest is not None:
         start_step = checkpoints.restore(latest, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    metrics_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        truncate_metrics(metrics_path, start_step)
-    if log_with:
-        accelerator.init_trackers("palm_rlhf", config={**asdict(config), **asdict(model_config)})
+    metrics_path = start_run(
+        out_dir, config, start_step, accelerator, log_with, asdict(model_config)
+    )
 
     # step 4. the loop: accumulate micro-batches, clip, step, log, evaluate, checkpoint
     history: list[dict[str, Any]] = []
@@ -339,6 +335,26 @@ def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
     )
     text = config.sample_prompt + tokenizer.decode(out.tokens[0][out.mask[0]])
     return f"--- sample ---\n{text}\n--------------"
+
+
+def start_run(
+    out_dir: Path,
+    config: TrainConfig,
+    start_step: int,
+    accelerator: Accelerator,
+    log_with: str | list[str] | None,
+    extra_config: dict[str, Any],
+) -> Path:
+    """Prepare a run directory: save the TrainConfig, cut metrics.jsonl back to the step the run
+    (re)starts from, start any trackers. Returns the metrics file's path."""
+    metrics_path = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "train_config.json")
+        truncate_metrics(metrics_path, start_step)
+    if log_with:
+        accelerator.init_trackers("palm_rlhf", config={**asdict(config), **extra_config})
+    return metrics_path
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

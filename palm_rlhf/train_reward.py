@@ -12,7 +12,6 @@ data has any, add a rating loss on `batch_size` of them: cross-entropy over the 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +40,7 @@ from .reward import (
     rating_regression_loss,
 )
 from .tokenizer import ByteTokenizer, Tokenizer
-from .train_lm import WindowSchedule, append_jsonl, lr_at, make_optimizer, truncate_metrics
+from .train_lm import WindowSchedule, append_jsonl, lr_at, make_optimizer, start_run
 from .train_state import TrainingCheckpoints
 
 
@@ -178,11 +177,9 @@ def train_reward(
     optimizer = make_optimizer(model, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(model, optimizer)
-    metrics_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        truncate_metrics(metrics_path, start_step)
+    metrics_path = start_run(
+        out_dir, config, start_step, accelerator, log_with, asdict(reward_config)
+    )
 
     # step 4. the loop
     history: list[dict[str, Any]] = []
