@@ -154,3 +154,17 @@ def test_bad_preference_data_names_the_line(trunk, tmp_path):
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         train_reward(trunk, path, config(path), out_dir=tmp_path / "run", show_progress=False)
+
+
+def test_normalization_reference_is_an_evenly_spaced_subset(trunk):
+    from palm_rlhf.preferences import PreferenceGroup
+    from palm_rlhf.train_reward import normalization_scores
+
+    model = RewardModel.from_palm_checkpoint(trunk, RewardConfig())
+    groups = [PreferenceGroup(f"q{i}:", ["a" * (i % 7), "b" * (i % 5)], [0, 1]) for i in range(40)]
+    every = normalization_scores(model, groups, TOK, 32, batch_size=8)
+    assert every.shape == (80,)
+    subset = normalization_scores(model, groups, TOK, 32, batch_size=8, max_groups=10)
+    # groups 0, 4, 8, ... 36: their two completions each, in order
+    expected = every.view(40, 2)[::4].reshape(-1)
+    torch.testing.assert_close(subset, expected)
