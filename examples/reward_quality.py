@@ -6,7 +6,7 @@ step 2. it samples K continuations of stdlib prompts; the labeler (labeler.py) r
 step 3. a reward model trained on the rankings: held-out pairwise accuracy
 step 4. the same responses with each group's ranks shuffled: accuracy should stay near 50%
 
-python examples/reward_quality.py --out runs/rm_quality --init runs/tiny/checkpoints/step_0000780
+python examples/reward_quality.py --out runs/rm_quality --init runs/tiny
     # 45 minutes on 2 cores: labelling 12 min, then two reward models of 15 min each
 python examples/reward_quality.py --out runs/rm_quality     # pretrains the tiny model first
 
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--out", type=Path, default=Path("runs/rm_quality"))
-    add("--init", type=Path, help="a PaLM checkpoint directory; default: pretrain one here")
+    add("--init", type=Path, help="a PaLM checkpoint or run directory; default: pretrain one here")
     add("--pretrain-steps", type=int, default=780)
     add("--train-prompts", type=int, default=12000)
     add("--heldout-prompts", type=int, default=400)

@@ -215,13 +215,28 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
+def resolve_run_dir(directory: Path) -> Path:
+    """A training run's directory (holding checkpoints/latest.json, as the training loops write
+    it) stands for its latest checkpoint, so `from_pretrained("runs/tiny")` works; any other
+    path comes back unchanged."""
+    pointer = directory / "checkpoints" / "latest.json"
+    if (directory / "config.json").is_file() or not pointer.is_file():
+        return directory
+    data = read_json(pointer)
+    name = data.get("dir") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"{pointer}: 'dir' must name a checkpoint directory, got {name!r}")
+    return directory / "checkpoints" / name
+
+
 def load_model_dir(
     directory: str | Path,
     build: Callable[[dict[str, Any]], M],
     json_names: Iterable[str],
 ) -> M:
-    """Read the JSON files (the first is required), `build` the model from them, load weights."""
-    directory = Path(directory)
+    """Read the JSON files (the first is required), `build` the model from them, load weights.
+    A run directory stands for its latest checkpoint (`resolve_run_dir`)."""
+    directory = resolve_run_dir(Path(directory))
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     names = list(json_names)

@@ -174,21 +174,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_generate)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run directory (with checkpoints/latest.json) stands for its latest checkpoint."""
-    from .train_state import TrainingCheckpoints
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = TrainingCheckpoints(path / "checkpoints").latest()
-    return latest if latest is not None else path
-
-
 @torch.inference_mode()
 def run_generate(args: argparse.Namespace) -> None:
     tokenizer = ByteTokenizer()
-    model = PaLM.from_pretrained(resolve_checkpoint(args.checkpoint))
+    model = PaLM.from_pretrained(args.checkpoint)
     if model.config.num_tokens != tokenizer.vocab_size:
         raise ValueError(
             f"{args.checkpoint}: model has {model.config.num_tokens} tokens, the "
@@ -262,7 +251,7 @@ def run_reward(args: argparse.Namespace) -> None:
         project_dir=str(args.out),
     )
     history = train_reward(
-        resolve_checkpoint(args.init),
+        args.init,
         args.data,
         train_config,
         reward_config,
@@ -308,7 +297,7 @@ def run_score(args: argparse.Namespace) -> None:
     from .tokenizer import pad_sequences
 
     tokenizer = ByteTokenizer()
-    model = RewardModel.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    model = RewardModel.from_pretrained(args.checkpoint).eval()
     prompt, limit = tokenizer.encode(args.prompt), model.trunk.config.max_seq_len
     rows = [encode_completion(tokenizer, prompt, tokenizer.encode(r), limit) for r in args.response]
     tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
@@ -363,8 +352,8 @@ def run_ppo(args: argparse.Namespace) -> None:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"{path}: no prompts (every line is empty)")
-    policy = PaLM.from_pretrained(resolve_checkpoint(args.policy))
-    reward_model = RewardModel.from_pretrained(resolve_checkpoint(args.reward))
+    policy = PaLM.from_pretrained(args.policy)
+    reward_model = RewardModel.from_pretrained(args.reward)
     trainer = PPOTrainer(
         policy,
         ByteTokenizer(),

@@ -170,6 +170,19 @@ def test_missing_directory(tmp_path):
         PaLM.from_pretrained(tmp_path / "nowhere")
 
 
+def test_run_directory_stands_for_its_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    old, new = make_model(seed=0), make_model(seed=1)
+    old.save_pretrained(run / "checkpoints" / "step_0000010")
+    new.save_pretrained(run / "checkpoints" / "step_0000020")
+    (run / "checkpoints" / "latest.json").write_text('{"step": 20, "dir": "step_0000020"}')
+    torch.testing.assert_close(logits(PaLM.from_pretrained(run)), logits(new), rtol=0, atol=0)
+    for bad in ('{"step": 20, "dir": "../elsewhere"}', '{"step": 20}', "[1]"):
+        (run / "checkpoints" / "latest.json").write_text(bad)
+        with pytest.raises(ValueError, match="latest.json: 'dir' must name"):
+            PaLM.from_pretrained(run)
+
+
 def test_missing_config_json(tmp_path):
     make_model().save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "config.json").unlink()
