@@ -1,6 +1,8 @@
 """How well does a reward model learn the simulated labeler's rankings? And is the metric honest?
 
-step 1. a pretrained tiny PaLM (`--init`, or pretrain one here on the stdlib corpus)
+step 1. a pretrained tiny PaLM (`--init`), e.g. from the README's 9-minute command
+        palm-rlhf pretrain --preset tiny --data stdlib --steps 780 --lr 2e-3 \
+            --warmup-steps 50 --out runs/tiny
 step 2. it samples K continuations of stdlib prompts; the labeler (labeler.py) ranks them;
         held-out prompts come from the corpus's held-out files
 step 3. a reward model trained on the rankings: held-out pairwise accuracy
@@ -8,7 +10,6 @@ step 4. the same responses with each group's ranks shuffled: accuracy should sta
 
 python examples/reward_quality.py --out runs/rm_quality --init runs/tiny
     # 45 minutes on 2 cores: labelling 12 min, then two reward models of 15 min each
-python examples/reward_quality.py --out runs/rm_quality     # pretrains the tiny model first
 
 Labels are reused when out/labels.json matches the labelling settings, so the reward-model runs
 can be repeated with other settings without sampling again.
@@ -22,22 +23,19 @@ from pathlib import Path
 
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.checkpoint import write_bytes_atomic
-from palm_rlhf.config import TrainConfig, preset_config
+from palm_rlhf.config import TrainConfig
 from palm_rlhf.demo import reward_accuracy
 from palm_rlhf.labeler import label_samples, stdlib_prompts, write_rankings
 from palm_rlhf.preferences import PreferenceGroup, load_preferences
 from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.train_lm import train_lm
 from palm_rlhf.train_reward import train_reward
-from palm_rlhf.train_state import TrainingCheckpoints
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--out", type=Path, default=Path("runs/rm_quality"))
-    add("--init", type=Path, help="a PaLM checkpoint or run directory; default: pretrain one here")
-    add("--pretrain-steps", type=int, default=780)
+    add("--init", type=Path, required=True, help="a pretrained PaLM checkpoint or run directory")
     add("--train-prompts", type=int, default=12000)
     add("--heldout-prompts", type=int, default=400)
     add("--responses", type=int, default=4, help="K responses ranked per prompt")
@@ -77,10 +75,12 @@ def fit_and_score(args, init: Path, data: Path, heldout: list, out: Path) -> dic
     )
     began = time.perf_counter()
     history = train_reward(init, data, config, RewardConfig(lora_rank=args.lora_rank), out)
-    model = RewardModel.from_pretrained(TrainingCheckpoints(out / "checkpoints").latest())
+    model = RewardModel.from_pretrained(out)  # the run directory: its latest checkpoint
     return {
         "heldout_files_accuracy": reward_accuracy(model, heldout, ByteTokenizer(), args.seq_len),
-        "heldout_prompts_accuracy": history[-1]["eval_accuracy"],  # 5% of the training prompts
+        "heldout_prompts_accuracy": history[-1][
+            "eval_accuracy"
+        ],  # 10% of the prompts, held out by prompt
         "train_accuracy_last": history[-1]["accuracy"],
         "seconds": round(time.perf_counter() - began),
     }
@@ -90,32 +90,14 @@ def main() -> None:
     args, tokenizer = parse_args(), ByteTokenizer()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # step 1. the policy that writes the continuations, and the reward model's initial trunk
-    init = args.init
-    if init is None:
-        config = TrainConfig(
-            data="stdlib",
-            seq_len=256,
-            batch_size=16,
-            steps=args.pretrain_steps,
-            lr=2e-3,
-            warmup_steps=50,
-            eval_every=args.pretrain_steps,
-            sample_every=0,
-            checkpoint_every=0,
-            seed=args.seed,
-        )
-        pretrain_dir = args.out / "pretrain"
-        if TrainingCheckpoints(pretrain_dir / "checkpoints").latest() is None:
-            train_lm(preset_config("tiny", tokenizer.vocab_size), config, pretrain_dir)
-        init = TrainingCheckpoints(pretrain_dir / "checkpoints").latest()
+    # step 1. the pretrained model: it writes the continuations and is the reward model's trunk
+    init, policy = args.init, PaLM.from_pretrained(args.init)  # a bad --init fails here, early
 
     # step 2. simulated labels, train prompts and held-out-file prompts
     spec = {
         key: str(getattr(args, key))
         for key in (
             "init",
-            "pretrain_steps",
             "train_prompts",
             "heldout_prompts",
             "responses",
@@ -126,7 +108,6 @@ def main() -> None:
     train_path, heldout_path = args.out / "rankings.jsonl", args.out / "heldout.jsonl"
     spec_path = args.out / "labels.json"
     if not spec_path.exists() or json.loads(spec_path.read_text()) != spec:
-        policy = PaLM.from_pretrained(init)
         for path, split, count, seed in (
             (train_path, "train", args.train_prompts, args.seed),
             (heldout_path, "heldout", args.heldout_prompts, args.seed + 1),
@@ -140,7 +121,7 @@ def main() -> None:
     train_groups = load_preferences(train_path).groups
     heldout_groups = load_preferences(heldout_path).groups
     results = {
-        "settings": vars(args) | {"out": str(args.out), "init": str(init)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "ranked_groups": {"train": len(train_groups), "heldout": len(heldout_groups)},
     }
 
