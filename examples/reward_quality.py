@@ -24,11 +24,10 @@ from pathlib import Path
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.checkpoint import write_bytes_atomic
 from palm_rlhf.config import TrainConfig
-from palm_rlhf.demo import reward_accuracy
 from palm_rlhf.labeler import label_samples, stdlib_prompts, write_rankings
 from palm_rlhf.preferences import PreferenceGroup, load_preferences
 from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.train_reward import train_reward
+from palm_rlhf.train_reward import heldout_accuracy, train_reward
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +76,7 @@ def fit_and_score(args, init: Path, data: Path, heldout: list, out: Path) -> dic
     history = train_reward(init, data, config, RewardConfig(lora_rank=args.lora_rank), out)
     model = RewardModel.from_pretrained(out)  # the run directory: its latest checkpoint
     return {
-        "heldout_files_accuracy": reward_accuracy(model, heldout, ByteTokenizer(), args.seq_len),
+        "heldout_files_accuracy": heldout_accuracy(model, heldout, ByteTokenizer(), args.seq_len),
         "heldout_prompts_accuracy": history[-1][
             "eval_accuracy"
         ],  # 10% of the prompts, held out by prompt

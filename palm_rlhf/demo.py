@@ -30,11 +30,10 @@ from .labeler import (
 from .palm import PaLM
 from .plot import line_chart_png
 from .ppo import PPOTrainer
-from .preferences import encode_groups
-from .reward import RewardConfig, RewardModel, pairwise_accuracy
+from .reward import RewardConfig, RewardModel
 from .tokenizer import ByteTokenizer, Tokenizer
 from .train_lm import train_lm
-from .train_reward import train_reward
+from .train_reward import heldout_accuracy, train_reward
 from .train_state import TrainingCheckpoints
 
 
@@ -91,19 +90,6 @@ def rule_eval(
     )
     scores = [rule_score(text, finished) for text, finished in completions]
     return sum(scores) / len(scores), [text for text, _ in completions]
-
-
-@torch.no_grad()
-def reward_accuracy(model: RewardModel, groups, tokenizer: Tokenizer, seq_len: int) -> float:
-    model.eval()
-    correct = total = 0
-    for start in range(0, len(groups), 16):
-        batch = encode_groups(groups[start : start + 16], tokenizer, seq_len)
-        c, t = pairwise_accuracy(
-            model(batch["tokens"], batch["mask"]), batch["ranks"], batch["group"]
-        )
-        correct, total = correct + c, total + t
-    return correct / max(1, total)
 
 
 def run_demo(
@@ -188,7 +174,7 @@ def run_demo(
         TrainingCheckpoints(out / "reward" / "checkpoints").latest()
     )
     rm_accuracy = (
-        reward_accuracy(reward_model, heldout_groups, tok, seq_len)
+        heldout_accuracy(reward_model, heldout_groups, tok, seq_len)
         if heldout_groups
         else float("nan")
     )

@@ -13,6 +13,7 @@ data has any, add a rating loss on `batch_size` of them: cross-entropy over the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,53 @@ def step_loss(
     return loss, correct, total
 
 
+def scored_batches(
+    model: torch.nn.Module,
+    groups: list[PreferenceGroup],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """(scores (N,), encoded batch) for `groups`, `batch_size` groups at a time; call it under
+    no_grad with the model in eval mode."""
+    for start in range(0, len(groups), batch_size):
+        batch = _to(encode_groups(groups[start : start + batch_size], tokenizer, seq_len), device)
+        yield model(batch["tokens"], batch["mask"]), batch
+
+
 @torch.no_grad()
+def accuracy_counts(
+    model: torch.nn.Module,
+    groups: list[PreferenceGroup],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[int, int]:
+    """(correct, total) over the untied pairs of `groups`; the model is left in eval mode."""
+    model.eval()
+    correct = total = 0
+    for scores, batch in scored_batches(model, groups, tokenizer, seq_len, batch_size, device):
+        c, t = pairwise_accuracy(scores, batch["ranks"], batch["group"])
+        correct, total = correct + c, total + t
+    return correct, total
+
+
+def heldout_accuracy(
+    model: RewardModel,
+    groups: list[PreferenceGroup],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int = 16,
+) -> float:
+    """Pairwise accuracy of a reward model on held-out groups, in one process: the share of
+    untied pairs whose better completion scores strictly higher (checklist item 20)."""
+    device = model.head.weight.device
+    correct, total = accuracy_counts(model, groups, tokenizer, seq_len, batch_size, device)
+    return correct / max(1, total)
+
+
 def evaluate_accuracy(
     model: torch.nn.Module,
     groups: list[PreferenceGroup],
@@ -82,21 +129,13 @@ def evaluate_accuracy(
     batch_size: int,
     accelerator: Accelerator,
 ) -> float:
-    """Pairwise accuracy on held-out groups: the share of untied pairs whose better completion
-    scores higher (checklist item 20), summed over processes."""
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)
+    """`heldout_accuracy` inside the loop: each process scores its share of the groups (the
+    model may be DDP-wrapped) and the counts are summed over processes."""
     mine = groups[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(mine), batch_size):
-        batch = _to(
-            encode_groups(mine[start : start + batch_size], tokenizer, seq_len), accelerator.device
-        )
-        scores = model(batch["tokens"], batch["mask"])
-        correct, total = pairwise_accuracy(scores, batch["ranks"], batch["group"])
-        counts += torch.tensor([correct, total], device=accelerator.device)
-    counts = accelerator.reduce(counts, reduction="sum")
+    counts = accuracy_counts(model, mine, tokenizer, seq_len, batch_size, accelerator.device)
+    summed = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum")
     model.train()
-    return counts[0].item() / max(1, counts[1].item())
+    return summed[0].item() / max(1, summed[1].item())
 
 
 @torch.no_grad()
@@ -116,15 +155,11 @@ def normalization_scores(
         stride = len(groups) / max_groups
         groups = [groups[int(i * stride)] for i in range(max_groups)]
     model.eval()
-    scores = []
-    for start in range(0, len(groups), batch_size):
-        batch = _to(
-            encode_groups(groups[start : start + batch_size], tokenizer, seq_len),
-            model.head.weight.device,
-        )
-        scores.append(model(batch["tokens"], batch["mask"]))
+    device = model.head.weight.device
+    batches = scored_batches(model, groups, tokenizer, seq_len, batch_size, device)
+    scores = torch.cat([scores for scores, _ in batches])
     model.train()
-    return torch.cat(scores)
+    return scores
 
 
 def train_reward(
