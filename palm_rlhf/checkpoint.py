@@ -215,18 +215,26 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
-def resolve_run_dir(directory: Path) -> Path:
-    """A training run's directory (holding checkpoints/latest.json, as the training loops write
-    it) stands for its latest checkpoint, so `from_pretrained("runs/tiny")` works; any other
-    path comes back unchanged."""
-    pointer = directory / "checkpoints" / "latest.json"
-    if (directory / "config.json").is_file() or not pointer.is_file():
-        return directory
+def latest_pointer(root: Path) -> Path | None:
+    """The checkpoint directory that `root/latest.json` names (as `TrainingCheckpoints` writes
+    it), or None when there is no pointer."""
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        return None
     data = read_json(pointer)
     name = data.get("dir") if isinstance(data, dict) else None
     if not isinstance(name, str) or not name or Path(name).name != name:
         raise ValueError(f"{pointer}: 'dir' must name a checkpoint directory, got {name!r}")
-    return directory / "checkpoints" / name
+    return root / name
+
+
+def resolve_run_dir(directory: Path) -> Path:
+    """A training run's directory (holding checkpoints/latest.json, as the training loops write
+    it) stands for its latest checkpoint, so `from_pretrained("runs/tiny")` works; any other
+    path comes back unchanged."""
+    if (directory / "config.json").is_file():
+        return directory
+    return latest_pointer(directory / "checkpoints") or directory
 
 
 def load_model_dir(

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 
 from .checkpoint import (
     flatten_state,
+    latest_pointer,
     load_safetensors,
     read_json,
     save_model_dir,
@@ -39,12 +40,11 @@ class TrainingCheckpoints:
         self.root, self.keep = Path(root), keep
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest.json"
-        if not pointer.is_file():
-            return None
-        directory = self.root / read_json(pointer)["dir"]
-        if not (directory / STATE_JSON).is_file():
-            raise FileNotFoundError(f"{pointer} points at {directory}, which is incomplete")
+        directory = latest_pointer(self.root)
+        if directory is not None and not (directory / STATE_JSON).is_file():
+            raise FileNotFoundError(
+                f"{self.root / 'latest.json'} points at {directory}, which is incomplete"
+            )
         return directory
 
     def save(
