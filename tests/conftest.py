@@ -1,3 +1,4 @@
+import socket
 import sys
 
 import pytest
@@ -30,9 +31,18 @@ def _deterministic():
     yield
 
 
-def two_process_launch(port: int) -> list[str]:
+def free_port() -> int:
+    """A TCP port the OS reports free right now: a fixed port can still be held by an earlier
+    run (TIME_WAIT) or by another job on a shared machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_process_launch() -> list[str]:
     """`accelerate launch` of 2 real processes on CPU. `--multi_gpu` with Accelerator(cpu=True)
     in the script; `--cpu --num_processes 2` would silently start only one."""
+    port = free_port()
     return [
         sys.executable,
         "-m",

@@ -197,7 +197,7 @@ def test_two_processes_keep_actor_and_critic_identical(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ppo_two_ranks.py"
-    launch = two_process_launch(port=29519)
+    launch = two_process_launch()
     result = subprocess.run(
         [*launch, str(script), str(tmp_path)],
         capture_output=True,

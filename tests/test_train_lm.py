@@ -165,7 +165,7 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_p
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
-    launch = two_process_launch(port=29517)
+    launch = two_process_launch()
     two = subprocess.run(
         [*launch, str(SCRIPT), str(corpus), str(tmp_path / "two"), "2", "run"],
         capture_output=True,
