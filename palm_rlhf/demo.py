@@ -5,12 +5,17 @@ step 2. sample K responses per prompt; the simulated labeler (labeler.py) ranks 
 step 3. train a reward model on those rankings only (it never sees the rule)
 step 4. PPO against the reward model
 step 5. before/after on held-out prompts: the rule's score, reward-model accuracy, KL to the
-        reference, samples; a PNG of score and KL per PPO iteration; summary.json
+        reference, samples; score and KL per PPO iteration (ppo_curves.csv, and a PNG with
+        matplotlib); summary.json
+
+Each stage has a time budget (pretraining, reward model and PPO stop early, with a
+checkpoint, once theirs is spent), so a slower machine gets a weaker demo, not a longer one.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +33,25 @@ from .labeler import (
     write_rankings,
 )
 from .palm import PaLM
-from .plot import line_chart_png
+from .plot import write_ppo_curves
 from .ppo import PPOTrainer
 from .reward import RewardConfig, RewardModel
+from .runs import claim_run_dir
 from .tokenizer import ByteTokenizer, Tokenizer
 from .train_lm import train_lm
 from .train_reward import heldout_accuracy, train_reward
 from .train_state import TrainingCheckpoints
+
+DEMO_RUN_MARKERS = (
+    "pretrain",
+    "reward",
+    "policy",
+    "rankings.jsonl",
+    "ppo_metrics.jsonl",
+    "ppo_curves.csv",
+    "ppo_curves.png",
+    "summary.json",
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,10 @@ class DemoSettings:
     reward_steps: int
     ppo_iterations: int
     model_overrides: dict[str, Any]
+    pretrain_budget_s: float = 0.0
+    """Seconds each stage may take at most (0 = no limit)."""
+    reward_budget_s: float = 0.0
+    ppo_budget_s: float = 0.0
 
 
 SETTINGS = {
@@ -61,6 +82,9 @@ SETTINGS = {
         reward_steps=150,
         ppo_iterations=25,
         model_overrides={},
+        pretrain_budget_s=360.0,
+        reward_budget_s=240.0,
+        ppo_budget_s=180.0,
     ),
     "smoke": DemoSettings(
         pretrain_steps=40,
@@ -93,11 +117,16 @@ def rule_eval(
 
 
 def run_demo(
-    out_dir: str | Path, preset: str = "full", seed: int = 0, show_progress: bool = True
+    out_dir: str | Path,
+    preset: str = "full",
+    seed: int = 0,
+    show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     if preset not in SETTINGS:
         raise ValueError(f"unknown demo preset {preset!r}; choose from {sorted(SETTINGS)}")
     settings, out, tok = SETTINGS[preset], Path(out_dir), ByteTokenizer()
+    claim_run_dir(out, DEMO_RUN_MARKERS, resume=False, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     began, timings = time.perf_counter(), {}
 
@@ -123,6 +152,7 @@ def run_demo(
             log_every=10,
             checkpoint_every=0,
             seed=seed,
+            time_limit_s=settings.pretrain_budget_s,
         ),
         out / "pretrain",
         show_progress=show_progress,
@@ -164,6 +194,7 @@ def run_demo(
             checkpoint_every=0,
             weight_decay=0.0,
             seed=seed,
+            time_limit_s=settings.reward_budget_s,
         ),
         RewardConfig(lora_rank=16, lora_alpha=32),
         out / "reward",
@@ -174,7 +205,7 @@ def run_demo(
         TrainingCheckpoints(out / "reward" / "checkpoints").latest()
     )
     rm_accuracy = (
-        heldout_accuracy(reward_model, heldout_groups, tok, seq_len)
+        heldout_accuracy(reward_model, heldout_groups, tok, reward_model.max_row_len)
         if heldout_groups
         else float("nan")
     )
@@ -203,16 +234,19 @@ def run_demo(
         out_dir=out,
         show_progress=show_progress,
     )
-    ppo_history = trainer.train(settings.ppo_iterations)
+    ppo_history = trainer.train(settings.ppo_iterations, time_limit_s=settings.ppo_budget_s)
     timings["ppo_s"] = time.perf_counter() - began - sum(timings.values())
 
     # step 5. before/after on held-out prompts
     log("step 5/5: evaluating on held-out prompts")
     after_score, after_texts = rule_eval(policy, tok, heldout_prompts, new, "actor", seed + 2)
+    policy.save_pretrained(out / "policy")  # with its "actor" adapter
     _, heldout_metrics, _ = trainer.rollout(heldout_prompts)
-    line_chart_png(
-        [[h["score_mean"] for h in ppo_history], [h["kl_ref"] for h in ppo_history]],
-        out / "ppo_curves.png",
+    curves = write_ppo_curves(
+        ppo_history,
+        out,
+        kl_target=trainer.config.kl_target if trainer.config.adaptive_kl else None,
+        title=f"palm-rlhf demo, seed {seed}: PPO against the learned reward model",
     )
     summary = {
         "preset": preset,
@@ -223,8 +257,10 @@ def run_demo(
         "rule_score_after": after_score,
         "heldout_kl_to_reference": heldout_metrics["kl_ref"],
         "heldout_reward_score_after": heldout_metrics["score_mean"],
-        "ppo_curves_png": str(out / "ppo_curves.png"),
-        "ppo_curves": "top panel: mean reward-model score per iteration; bottom: KL to reference",
+        "ppo_iterations": len(ppo_history),
+        "ppo_curves_png": curves["png"],
+        "ppo_curves_csv": curves["csv"],
+        "ppo_curves_message": curves.get("message"),
         "samples": [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in zip(heldout_prompts[:3], before_texts, after_texts, strict=False)
@@ -234,6 +270,12 @@ def run_demo(
             "total": round(time.perf_counter() - began, 1),
         },
         "ppo_config": asdict(trainer.config),
+        "seed": seed,
+        "machine": {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
     }
     write_bytes_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
@@ -256,4 +298,18 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"\n--- prompt ---\n{sample['prompt']}--- before ---\n{sample['before']}\n"
             f"--- after ---\n{sample['after']}"
         )
-    print(f"\nplot: {summary['ppo_curves_png']}; total {summary['seconds']['total']:.0f}s")
+    if summary["ppo_curves_png"] is None:
+        print(f"\n{summary['ppo_curves_message']}")
+    plot = summary["ppo_curves_png"] or summary["ppo_curves_csv"]
+    print(f"\ncurves: {plot}; total {summary['seconds']['total']:.0f}s")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for measured figures: float bits and speed differ per CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

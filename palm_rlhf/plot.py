@@ -1,85 +1,211 @@
-"""A dependency-free line chart written as PNG (zlib + struct), for the demo's curves.
+"""PPO training curves: the per-iteration history as a CSV and, with matplotlib, a PNG.
 
-Each series gets its own panel, stacked vertically, scaled to its own min..max, with a light
-zero line when zero lies in range. Titles and numbers go in the JSON summary beside the plot:
-drawing text would need a font, and the point is to see the shape of the curves.
+This module owns how a PPO run is drawn: `ppo_figure` builds the figure (reward-model score on
+top; KL to the reference policy below, with the KL coefficient beta on a right-hand axis and
+the KL target when there is one) and `write_ppo_curves` writes `ppo_curves.csv` and
+`ppo_curves.png` into a run directory. matplotlib is optional (`pip install 'palm-rlhf[plot]'`):
+it is imported only here, inside the functions, and without pyplot, so drawing a plot neither
+needs a display nor switches the backend of a program that imported palm_rlhf. Without it the
+CSV is still written, so no run loses its curves.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
-from collections.abc import Sequence
+import csv
+import io
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import write_bytes_atomic
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+REQUIRED_KEYS = ("iteration", "score_mean", "kl_ref", "kl_coef")
+CSV_NAME = "ppo_curves.csv"
+PNG_NAME = "ppo_curves.png"
+FIGSIZE_INCHES = (8.0, 6.0)
+DPI = 100  # with FIGSIZE_INCHES: an 800 x 600 PNG, the size the tests check
+INSTALL_HINT = "`pip install 'palm-rlhf[plot]'` (or `pip install matplotlib`)"
 
 
-def _png(width: int, height: int, pixels: bytearray) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, but True/False is a flag, not a curve.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
-    raw = b"".join(
-        b"\x00" + bytes(pixels[y * width * 3 : (y + 1) * width * 3]) for y in range(height)
+
+def _check_history(history: Sequence[Mapping[str, float]]) -> None:
+    if len(history) == 0:
+        raise ValueError("PPO history is empty: no PPO iterations to plot")
+    for index, record in enumerate(history):
+        for key in REQUIRED_KEYS:
+            if key not in record:
+                raise ValueError(
+                    f"PPO history[{index}] (iteration {record.get('iteration', '?')}) is "
+                    f"missing {key!r}; every record needs {list(REQUIRED_KEYS)}"
+                )
+            if not _is_number(record[key]):
+                raise ValueError(
+                    f"PPO history[{index}] (iteration {record.get('iteration', '?')}): "
+                    f"{key!r} is {record[key]!r}, not a number"
+                )
+
+
+def curve_columns(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """The CSV columns: the required keys first, then every other key that is a number in every
+    record, sorted so that the same metrics always give the same header."""
+    _check_history(history)
+    shared = set(history[0]).intersection(*history[1:])
+    extra = sorted(
+        key
+        for key in shared - set(REQUIRED_KEYS)
+        if all(_is_number(record[key]) for record in history)
     )
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+    return [*REQUIRED_KEYS, *extra]
 
 
-def line_chart_png(
-    series: Sequence[Sequence[float]], path: str | Path, width: int = 640, panel_height: int = 180
+def _csv_bytes(history: Sequence[Mapping[str, float]]) -> bytes:
+    columns = curve_columns(history)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    # csv writes floats with repr, so reading a value back with float() gives the same number.
+    writer.writerows([record[key] for key in columns] for record in history)
+    return text.getvalue().encode("utf-8")
+
+
+def _annotate_last(
+    axes: Axes, xs: list[float], ys: list[float], color: str, below: bool = False
 ) -> None:
-    """Write one panel per series (e.g. score and KL over PPO iterations) to a PNG file."""
-    if not series or any(len(s) == 0 for s in series):
-        raise ValueError("line_chart_png needs at least one non-empty series")
-    height = panel_height * len(series)
-    pixels = bytearray([255] * (width * height * 3))
+    """Write the final value beside the last point: the number a reader looks for first.
 
-    def put(x: int, y: int, color: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            pixels[i : i + 3] = bytes(color)
+    Right-aligned so the text stays inside the axes at the right edge; `below` puts it under
+    the point, for a curve sharing a panel (KL and beta often end at the same corner)."""
+    finite = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    if not finite:
+        return
+    x, y = finite[-1]
+    axes.annotate(
+        f"{y:.3g}",
+        xy=(x, y),
+        xytext=(-6, -14 if below else 6),
+        textcoords="offset points",
+        ha="right",
+        color=color,
+        fontsize=9,
+        # A backing box keeps the number legible where it crosses another curve or the grid.
+        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+    )
 
-    def line(x0: float, y0: float, x1: float, y1: float, color: tuple[int, int, int]) -> None:
-        steps = int(max(abs(x1 - x0), abs(y1 - y0), 1))
-        for t in range(steps + 1):
-            x, y = x0 + (x1 - x0) * t / steps, y0 + (y1 - y0) * t / steps
-            for dy in (0, 1):
-                put(round(x), round(y) + dy, color)
 
-    margin = 12
-    for index, values in enumerate(series):
-        top, bottom = index * panel_height + margin, (index + 1) * panel_height - margin
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
+def ppo_figure(
+    history: Sequence[Mapping[str, float]], kl_target: float | None = None, title: str = "PPO"
+) -> Figure:
+    """Build (but do not save) the two-panel PPO figure, 8 x 6 inches at 100 dpi.
 
-        def to_y(
-            v: float, top: int = top, bottom: int = bottom, low: float = low, span: float = span
-        ) -> float:
-            return bottom - (v - low) / span * (bottom - top)
+    Top: mean reward-model score of each rollout. Bottom: KL to the reference policy (nats per
+    response), the KL target as a dashed horizontal line when given, and the KL coefficient
+    beta of each iteration as a dashed line on a right-hand axis: with an adaptive controller,
+    beta moving is what explains the KL curve moving. Raises ImportError without matplotlib.
+    """
+    _check_history(history)
+    # Figure, not pyplot: a Figure made directly is never registered with pyplot's global
+    # state and renders PNG through Agg whatever the user's interactive backend is.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-        line(margin, bottom, width - margin, bottom, (160, 160, 160))  # x axis
-        line(margin, top, margin, bottom, (160, 160, 160))  # y axis
-        if low < 0 < high:
-            line(margin, to_y(0.0), width - margin, to_y(0.0), (220, 220, 220))
-        xs = [
-            margin + (width - 2 * margin) * i / max(1, len(values) - 1) for i in range(len(values))
-        ]
-        color = COLORS[index % len(COLORS)]
-        for i in range(len(values) - 1):
-            line(xs[i], to_y(values[i]), xs[i + 1], to_y(values[i + 1]), color)
-        if len(values) == 1:
-            put(round(xs[0]), round(to_y(values[0])), color)
-    write_bytes_atomic(path, _png(width, height, pixels))
+    iterations = [float(record["iteration"]) for record in history]
+    scores = [float(record["score_mean"]) for record in history]
+    kls = [float(record["kl_ref"]) for record in history]
+    betas = [float(record["kl_coef"]) for record in history]
+
+    fig = Figure(figsize=FIGSIZE_INCHES, dpi=DPI, layout="constrained")
+    score_ax, kl_ax = fig.subplots(2, 1, sharex=True)
+    fig.suptitle(title)
+    if len(iterations) == 1:
+        # One point gives matplotlib a zero-width x range, which it ticks in fractions.
+        score_ax.set_xlim(iterations[0] - 1, iterations[0] + 1)
+
+    # Markers as well as lines: a run of one iteration is a single point, invisible as a line.
+    score_ax.plot(iterations, scores, "o-", color="tab:blue", ms=3, label="mean score")
+    _annotate_last(score_ax, iterations, scores, "tab:blue")
+    score_ax.set_title("Reward-model score of each rollout")
+    score_ax.set_ylabel("mean reward-model score (normalised)")
+    score_ax.legend(loc="best")
+
+    kl_ax.plot(iterations, kls, "o-", color="tab:red", ms=3, label="KL to reference")
+    _annotate_last(kl_ax, iterations, kls, "tab:red")
+    if kl_target is not None:
+        kl_ax.axhline(
+            kl_target, color="tab:gray", ls="--", lw=1, label=f"KL target = {kl_target:g}"
+        )
+    kl_ax.set_title("KL to the reference policy, and the KL coefficient β")
+    kl_ax.set_ylabel("KL to reference (nats / response)")
+    kl_ax.set_xlabel("PPO iteration")
+
+    # beta lives on its own scale (0.01..1) while KL is in nats (0..tens): a shared y axis
+    # would flatten one of them.
+    beta_ax = kl_ax.twinx()
+    # Dashed and unmarked so it does not read as a second KL curve; a lone point needs a marker.
+    beta_style = ".--" if len(betas) == 1 else "--"
+    beta_ax.plot(iterations, betas, beta_style, color="tab:green", label="KL coefficient β")
+    _annotate_last(beta_ax, iterations, betas, "tab:green", below=True)
+    beta_ax.set_ylabel("KL coefficient β")
+    # One legend for both y axes, on the twin: the twin is painted after kl_ax, so a legend
+    # on kl_ax would have the beta curve drawn over it.
+    handles = kl_ax.get_legend_handles_labels()[0] + beta_ax.get_legend_handles_labels()[0]
+    beta_ax.legend(handles=handles, loc="best")
+
+    for ax in (score_ax, kl_ax, beta_ax):
+        # Headroom so the final-value labels and the legend do not sit on the curves' ends.
+        ax.margins(y=0.12)
+    for ax in (score_ax, kl_ax):
+        ax.grid(True, alpha=0.3)
+        # Iterations are whole numbers; matplotlib would otherwise tick 0.5, 1.5, ...
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        # sharex hides the top panel's tick labels; keep them so each panel reads alone.
+        ax.tick_params(labelbottom=True)
+    return fig
+
+
+def write_ppo_curves(
+    history: Sequence[Mapping[str, float]],
+    out_dir: str | Path,
+    kl_target: float | None = None,
+    title: str = "PPO",
+) -> dict[str, str | None]:
+    """Write `out_dir/ppo_curves.csv` always and `out_dir/ppo_curves.png` when matplotlib is
+    installed, both atomically.
+
+    `history` is PPO's per-iteration metrics (`PPOTrainer.history`): each record needs
+    "iteration", "score_mean", "kl_ref" and "kl_coef"; other numeric keys present in every
+    record ("response_len", "eos_rate", ...) become extra CSV columns.
+
+    Returns {"csv": path, "png": path or None}; without matplotlib also a "message" saying how
+    to install it. Raises ValueError for an empty history or a record missing a required key.
+    """
+    _check_history(history)  # before writing anything: a bad history leaves no half output
+    out_dir = Path(out_dir)
+    csv_path, png_path = out_dir / CSV_NAME, out_dir / PNG_NAME
+    write_bytes_atomic(csv_path, _csv_bytes(history))
+    try:
+        import matplotlib  # noqa: F401  (only to learn whether it is installed)
+    except ImportError:
+        return {
+            "csv": str(csv_path),
+            "png": None,
+            "message": (
+                f"matplotlib is not installed: {INSTALL_HINT} to get {PNG_NAME}; "
+                f"the curve data is in {csv_path}"
+            ),
+        }
+    fig = ppo_figure(history, kl_target=kl_target, title=title)
+    buffer = io.BytesIO()
+    # dpi given again: savefig would otherwise use the user's rcParams["savefig.dpi"].
+    fig.savefig(buffer, format="png", dpi=DPI)
+    write_bytes_atomic(png_path, buffer.getvalue())
+    return {"csv": str(csv_path), "png": str(png_path)}
