@@ -9,6 +9,7 @@ from pathlib import Path
 
 from palm_rlhf import ByteTokenizer, PaLM, generate
 from palm_rlhf.config import TrainConfig, preset_config
+from palm_rlhf.tokenizer import encode_prompt
 from palm_rlhf.train_lm import train_lm
 from palm_rlhf.train_state import TrainingCheckpoints
 
@@ -43,7 +44,7 @@ def main() -> None:
     prompts = ["def ", "import ", "class "]
     out = generate(
         model,
-        [tokenizer.encode(p, add_bos=True) for p in prompts],
+        [encode_prompt(tokenizer, p) for p in prompts],
         max_new_tokens=200,
         temperature=0.7,
         top_p=0.95,

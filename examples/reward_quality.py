@@ -73,10 +73,13 @@ def fit_and_score(args, init: Path, data: Path, heldout: list, out: Path) -> dic
         seed=args.seed,
     )
     began = time.perf_counter()
-    history = train_reward(init, data, config, RewardConfig(lora_rank=args.lora_rank), out)
+    # overwrite: the labels are reused across runs (see the docstring), the reward models not.
+    reward_config = RewardConfig(lora_rank=args.lora_rank)
+    history = train_reward(init, data, config, reward_config, out, overwrite=True)
     model = RewardModel.from_pretrained(out)  # the run directory: its latest checkpoint
+    accuracy = heldout_accuracy(model, heldout, ByteTokenizer(), model.max_row_len)
     return {
-        "heldout_files_accuracy": heldout_accuracy(model, heldout, ByteTokenizer(), args.seq_len),
+        "heldout_files_accuracy": accuracy,
         "heldout_prompts_accuracy": history[-1][
             "eval_accuracy"
         ],  # 10% of the prompts, held out by prompt

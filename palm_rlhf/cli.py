@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from .config import PRESETS, PaLMConfig, TrainConfig, field_docs, preset_config
 from .generation import generate
 from .palm import PaLM
-from .tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer, encode_prompt
 
 
 def _flag(name: str) -> str:
@@ -58,6 +59,50 @@ def add_dataclass_options(
         )
 
 
+def given_options(cls: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> list[str]:
+    """The --flags of `cls`'s fields that the user actually gave (each defaults to None)."""
+    return [
+        _flag(field.name)
+        for field in dataclasses.fields(cls)
+        if field.name not in skip and getattr(args, field.name, None) is not None
+    ]
+
+
+def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> Any:
+    """The one Accelerator a subcommand runs under (--cpu, the precision, --log-with).
+
+    Launched as several processes on a machine without CUDA, the processes join on the CPU
+    even without --cpu: otherwise each would set up a world of one and train alone, all of
+    them writing into the same --out.
+    """
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=args.cpu or (launched > 1 and not torch.cuda.is_available()),
+        mixed_precision=mixed_precision,
+        log_with=getattr(args, "log_with", None),
+        project_dir=str(args.out),
+    )
+    if accelerator.num_processes != launched:
+        raise ValueError(
+            f"launched as {launched} processes, but accelerate set up a world of "
+            f"{accelerator.num_processes}; check the launch config (see examples/accelerate)"
+        )
+    return accelerator
+
+
+def add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
+    """--resume / --overwrite, the same on every stage that writes a run directory."""
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in --out even if it holds one (its metrics and checkpoints "
+        "are deleted); without it (or --resume) such a run is refused",
+    )
+
+
 def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
     values = dict(base)
     for field in dataclasses.fields(cls):
@@ -67,11 +112,11 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any
     return cls(**values)
 
 
-def print_done(last: dict[str, Any], out: Path) -> None:
+def print_done(last: dict[str, Any], out: Path, num_processes: int = 1) -> None:
     summary = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
     )
-    print(f"done: {summary}; checkpoints in {out / 'checkpoints'}")
+    print(f"done: {summary}; processes={num_processes}; checkpoints in {out / 'checkpoints'}")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
@@ -89,17 +134,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="tiny",
-        help="model size (PaLMConfig overrides below win)",
+        default=None,
+        help="model size for a fresh model [tiny] (PaLMConfig overrides below win); not with "
+        "--init, whose checkpoint fixes the architecture",
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
+    add_run_options(parser, "continue from the latest checkpoint in --out")
     parser.add_argument(
         "--init",
         type=Path,
         default=None,
-        help="start from this checkpoint's weights" + (" (required)" if sft else ""),
+        help="start from this checkpoint's weights and architecture"
+        + (" (required)" if sft else ""),
         required=sft,
     )
     parser.add_argument(
@@ -108,28 +153,35 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
     add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
     add_dataclass_options(
-        parser, PaLMConfig, "model (PaLMConfig)", skip=("num_tokens",), defaults_from_preset=True
+        parser,
+        PaLMConfig,
+        "model (PaLMConfig; fresh models only, not with --init)",
+        skip=("num_tokens",),
+        defaults_from_preset=True,
     )
     parser.set_defaults(run=run_train, sft=sft)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from accelerate import Accelerator
-
     from .train_lm import train_lm
 
     tokenizer = ByteTokenizer()
-    base = preset_config(args.preset, tokenizer.vocab_size)
-    model_config = dataclass_from_args(PaLMConfig, args, **dataclasses.asdict(base))
     train_config = dataclass_from_args(TrainConfig, args)
     if args.sft and args.data is None:
         raise ValueError("sft needs --data PATH to a JSONL of prompt/response pairs")
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=train_config.mixed_precision,
-        log_with=args.log_with,
-        project_dir=str(args.out),
-    )
+    model_config = None
+    if args.init is not None:
+        ignored = given_options(PaLMConfig, args, skip=("num_tokens",))
+        ignored += ["--preset"] if args.preset is not None else []
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)}: the architecture comes from the --init checkpoint; "
+                "leave the model options out"
+            )
+    else:
+        base = preset_config(args.preset or "tiny", tokenizer.vocab_size)
+        model_config = dataclass_from_args(PaLMConfig, args, **dataclasses.asdict(base))
+    accelerator = make_accelerator(args, train_config.mixed_precision)
     history = train_lm(
         model_config,
         train_config,
@@ -140,9 +192,10 @@ def run_train(args: argparse.Namespace) -> None:
         accelerator=accelerator,
         tokenizer=tokenizer,
         log_with=args.log_with,
+        overwrite=args.overwrite,
     )
     if accelerator.is_main_process and history:
-        print_done(history[-1], args.out)
+        print_done(history[-1], args.out, accelerator.num_processes)
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -171,6 +224,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--lora-scope", default=None, help="adapter scope to apply, if any")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device to sample on, e.g. cpu or cuda [cuda if available, else cpu]",
+    )
     parser.set_defaults(run=run_generate)
 
 
@@ -183,7 +241,9 @@ def run_generate(args: argparse.Namespace) -> None:
             f"{args.checkpoint}: model has {model.config.num_tokens} tokens, the "
             f"byte tokenizer needs {tokenizer.vocab_size}"
         )
-    prompts = [tokenizer.encode(p, add_bos=True) for p in args.prompt]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
     out = generate(
         model,
         prompts,
@@ -203,6 +263,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
     from .reward import RewardConfig
+    from .train_reward import NOT_FOR_REWARD
 
     parser = subparsers.add_parser(
         "reward",
@@ -218,9 +279,7 @@ def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         help="PaLM checkpoint (or run directory) to initialise the trunk from",
     )
     parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
+    add_run_options(parser, "continue from the latest checkpoint in --out")
     parser.add_argument(
         "--heldout-fraction",
         type=float,
@@ -229,14 +288,15 @@ def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--log-with", default=None, help="accelerate tracker")
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
-    add_dataclass_options(parser, RewardConfig, "reward model (RewardConfig)")
+    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)", skip=NOT_FOR_REWARD)
+    # max_seq_len is not an option: the loop records --seq-len there.
+    add_dataclass_options(
+        parser, RewardConfig, "reward model (RewardConfig)", skip=("max_seq_len",)
+    )
     parser.set_defaults(run=run_reward)
 
 
 def run_reward(args: argparse.Namespace) -> None:
-    from accelerate import Accelerator
-
     from .reward import RewardConfig
     from .train_reward import train_reward
 
@@ -244,12 +304,7 @@ def run_reward(args: argparse.Namespace) -> None:
         raise ValueError("reward needs --data PATH to a preference JSONL")
     train_config = dataclass_from_args(TrainConfig, args)
     reward_config = dataclass_from_args(RewardConfig, args)
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=train_config.mixed_precision,
-        log_with=args.log_with,
-        project_dir=str(args.out),
-    )
+    accelerator = make_accelerator(args, train_config.mixed_precision)
     history = train_reward(
         args.init,
         args.data,
@@ -260,9 +315,10 @@ def run_reward(args: argparse.Namespace) -> None:
         heldout_fraction=args.heldout_fraction,
         accelerator=accelerator,
         log_with=args.log_with,
+        overwrite=args.overwrite,
     )
     if accelerator.is_main_process and history:
-        print_done(history[-1], args.out)
+        print_done(history[-1], args.out, accelerator.num_processes)
 
 
 def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -292,15 +348,14 @@ def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
 
 @torch.inference_mode()
 def run_score(args: argparse.Namespace) -> None:
-    from .preferences import encode_completion
+    from .preferences import encode_reward_rows
     from .reward import RewardModel
-    from .tokenizer import pad_sequences
 
     tokenizer = ByteTokenizer()
     model = RewardModel.from_pretrained(args.checkpoint).eval()
-    prompt, limit = tokenizer.encode(args.prompt), model.trunk.config.max_seq_len
-    rows = [encode_completion(tokenizer, prompt, tokenizer.encode(r), limit) for r in args.response]
-    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    prompt = tokenizer.encode(args.prompt)
+    pairs = [(prompt, tokenizer.encode(response)) for response in args.response]
+    tokens, mask = encode_reward_rows(tokenizer, pairs, model.max_row_len)
     scores = model(tokens, mask, normalized=not args.raw)
     for response, score in zip(args.response, scores.tolist(), strict=True):
         print(f"{score:+.4f}\t{response!r}")
@@ -314,7 +369,8 @@ def add_ppo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="PPO fine-tuning against a reward model",
         description="Fine-tune a policy checkpoint with PPO against a reward model checkpoint. "
         "Writes OUT/policy (the policy with its 'actor' adapter; sample with generate "
-        "--lora-scope actor), OUT/ppo_state (for --resume) and OUT/ppo_metrics.jsonl.",
+        "--lora-scope actor), OUT/ppo_state (for --resume), OUT/ppo_metrics.jsonl and "
+        "OUT/ppo_curves.csv (+ .png with matplotlib).",
     )
     parser.add_argument(
         "--policy", required=True, type=Path, help="PaLM checkpoint or run directory to start from"
@@ -328,50 +384,110 @@ def add_ppo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="'stdlib' (source snippets) or a text file with one prompt per line",
     )
     parser.add_argument(
-        "--num-prompts", type=int, default=600, help="prompts drawn from the stdlib corpus"
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="prompts drawn from the stdlib corpus [600]; only with --prompts stdlib",
     )
-    parser.add_argument("--iterations", type=int, default=25, help="PPO iterations")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=25,
+        help="PPO iterations in all, like --steps: --resume continues up to this total",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also save OUT/ppo_state every N iterations (0: only at the end)",
+    )
+    parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=0.0,
+        help="stop (and save) after this many seconds of PPO; 0 = no limit",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/ppo_state")
+    add_run_options(parser, "continue from OUT/ppo_state")
+    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
     add_dataclass_options(parser, PPOConfig, "PPO (PPOConfig)")
     parser.set_defaults(run=run_ppo)
 
 
+PPO_RUN_MARKERS = ("ppo_metrics.jsonl", "ppo_state", "policy", "ppo_curves.csv", "ppo_curves.png")
+
+
+def read_prompts(spec: str, num_prompts: int | None) -> list[str]:
+    """--prompts: 'stdlib' (num_prompts snippets) or a file with one prompt per line."""
+    from .labeler import stdlib_prompts
+
+    if spec == "stdlib":
+        return stdlib_prompts(600 if num_prompts is None else num_prompts, "train")
+    if num_prompts is not None:
+        raise ValueError("--num-prompts only applies to --prompts stdlib; a file gives its own")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompts file")
+    prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (every line is empty)")
+    return prompts
+
+
 def run_ppo(args: argparse.Namespace) -> None:
     from .config import PPOConfig
-    from .labeler import stdlib_prompts
+    from .plot import write_ppo_curves
     from .ppo import PPOTrainer
     from .reward import RewardModel
+    from .runs import claim_run_dir, read_metrics
 
-    if args.prompts == "stdlib":
-        prompts = stdlib_prompts(args.num_prompts, "train")
-    else:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such prompts file")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{path}: no prompts (every line is empty)")
-    policy = PaLM.from_pretrained(args.policy)
-    reward_model = RewardModel.from_pretrained(args.reward)
+    for name in ("iterations", "checkpoint_every"):
+        if getattr(args, name) < (1 if name == "iterations" else 0):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
+    if args.time_limit_s < 0:
+        raise ValueError(f"--time-limit-s must be >= 0, got {args.time_limit_s}")
+    prompts = read_prompts(args.prompts, args.num_prompts)
+    state_dir = args.out / "ppo_state"
+    if args.resume and not (state_dir / "ppo_state.json").is_file():
+        raise FileNotFoundError(f"{state_dir}: nothing to resume (no ppo_state.json)")
+    claim_run_dir(args.out, PPO_RUN_MARKERS, args.resume, args.overwrite)
+    accelerator = make_accelerator(args)
     trainer = PPOTrainer(
-        policy,
+        PaLM.from_pretrained(args.policy),
         ByteTokenizer(),
         prompts,
-        reward_model=reward_model,
+        reward_model=RewardModel.from_pretrained(args.reward),
         config=dataclass_from_args(PPOConfig, args),
+        accelerator=accelerator,
         out_dir=args.out,
     )
     if args.resume:
-        trainer.load(args.out / "ppo_state")
-    history = trainer.train(args.iterations)
-    trainer.save(args.out / "ppo_state")
-    policy.save_pretrained(args.out / "policy")
-    last = history[-1]
-    print(
-        f"done: iteration {last['iteration']}, score_mean={last['score_mean']:.4g}, "
-        f"kl_ref={last['kl_ref']:.4g}; policy in {args.out / 'policy'}"
+        trainer.load(state_dir)
+    remaining = args.iterations - trainer.iteration
+    if remaining <= 0:
+        print(f"nothing to do: {state_dir} is at iteration {trainer.iteration} >= --iterations")
+        return
+    trainer.train(
+        remaining,
+        time_limit_s=args.time_limit_s,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=state_dir,
     )
+    trainer.save(state_dir)
+    if accelerator.is_main_process:
+        trainer.policy.save_pretrained(args.out / "policy")
+        history = read_metrics(args.out / "ppo_metrics.jsonl")
+        plots = write_ppo_curves(history, args.out, title="palm-rlhf ppo")
+        last = history[-1]
+        print(
+            f"done: iteration {last['iteration']}, score_mean={last['score_mean']:.4g}, "
+            f"kl_ref={last['kl_ref']:.4g}; processes={accelerator.num_processes}; "
+            f"policy in {args.out / 'policy'}; curves in {plots['png'] or plots['csv']}"
+        )
+        if plots.get("message"):
+            print(plots["message"])
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -386,13 +502,20 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run again into an --out that holds an earlier demo (its runs are deleted)",
+    )
     parser.set_defaults(run=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
     from .demo import print_summary, run_demo
 
-    summary = run_demo(args.out, "smoke" if args.smoke else "full", args.seed)
+    summary = run_demo(
+        args.out, "smoke" if args.smoke else "full", args.seed, overwrite=args.overwrite
+    )
     print_summary(summary)
 
 

@@ -1,8 +1,9 @@
 """Corpora, token caches and datasets for pretraining and SFT.
 
 A corpus spec ("stdlib", a text/.gz/.jsonl file or a folder) resolves to sorted sources; a split
-is tokenized once into a cached flat int16 file (`doc_tokens + [eos_id]` per document) that is
-memory-mapped for `PackedDataset` (nanoGPT-style windows). Errors name the file (and line).
+is tokenized once into a cached flat int16 file (`[bos_id] + doc_tokens + [eos_id]` per
+document: every stage's sequences start with bos, tokenizer.py) that is memory-mapped for
+`PackedDataset` (nanoGPT-style windows). Errors name the file (and line).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from torch.utils.data import Dataset
 from .checkpoint import read_json, write_bytes_atomic, write_stream_atomic
 from .tokenizer import Tokenizer, pad_sequences
 
-FORMAT_VERSION = 1
-"""Bumped whenever the token file layout or the split rule changes: old caches are ignored."""
+FORMAT_VERSION = 2
+"""Bumped whenever the token file layout or the split rule changes: old caches are ignored.
+Version 2: documents start with bos."""
 HELDOUT_FRACTION = 0.02
 SPLITS = ("train", "heldout")
 Split = Literal["train", "heldout"]
@@ -253,8 +255,8 @@ def build_token_file(
 
     def fill(handle: BinaryIO) -> None:  # streamed: the file object buffers the writes
         for doc in split_documents(sources, split, fraction):
-            ids = array("h", tokenizer.encode(doc))  # native-endian int16, as torch.from_file reads
-            ids.append(tokenizer.eos_id)
+            # native-endian int16, as torch.from_file reads; bos + doc + eos (tokenizer.py)
+            ids = array("h", tokenizer.encode(doc, add_bos=True, add_eos=True))
             handle.write(ids.tobytes())
             stats["num_tokens"] += len(ids)
             stats["num_bytes"] += len(doc.encode("utf-8"))

@@ -39,6 +39,7 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.batch_size = batch_size
+        self.has_padding = False  # any padding key so far (decided on the host, see PaLM)
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.keys[index], self.values[index]
@@ -51,6 +52,12 @@ class KVCache:
                 f"cache overflow: {self.length} cached + {num_new} new tokens > "
                 f"max_len {self.max_len}"
             )
+
+    def note_padding(self, padded: bool) -> bool:
+        """Record whether the incoming tokens include padding; return whether any cached or
+        incoming key is padding."""
+        self.has_padding = self.has_padding or padded
+        return self.has_padding
 
     def write_mask(self, mask: Tensor) -> Tensor:
         """Record which of the n incoming tokens are real; return the key mask (b, length + n)

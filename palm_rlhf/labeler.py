@@ -32,7 +32,7 @@ from .checkpoint import write_bytes_atomic
 from .generation import generate
 from .palm import PaLM
 from .preferences import PreferenceGroup
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, encode_prompt
 
 CONTINUATIONS = {
     "else": "if x:\n pass\n{}",
@@ -109,7 +109,7 @@ def sample_completions(
     """One sampled completion per prompt: (text, finished), finished = it ended with eos."""
     completions: list[tuple[str, bool]] = []
     for start in range(0, len(prompts), batch_size):
-        batch = [tokenizer.encode(p, add_bos=True) for p in prompts[start : start + batch_size]]
+        batch = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         out = generate(
             policy,
             batch,

@@ -63,8 +63,11 @@ class PaLM(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         lora_scope: str | None = None,
+        validate_ids: bool = True,
     ) -> Tensor:
-        return self.to_logits(self.forward_hidden(tokens, mask, positions, cache, lora_scope))
+        return self.to_logits(
+            self.forward_hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
+        )
 
     def to_logits(self, hidden: Tensor) -> Tensor:
         """Tied output embedding: logits = hidden @ token_emb^T."""
@@ -77,14 +80,26 @@ class PaLM(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         lora_scope: str | None = None,
+        validate_ids: bool = True,
     ) -> Tensor:
-        """The final normalised hidden states (b, n, d); reward and value heads read these."""
-        mask = self._validate(tokens, mask, positions, cache, lora_scope)
+        """The final normalised hidden states (b, n, d); reward and value heads read these.
+
+        validate_ids=False skips the check that every id lies in the vocabulary, which reads
+        the ids' min and max back to the host: `generate` validates its prompts once and then
+        feeds back ids it sampled itself, so on a GPU a decoding step never waits for the host.
+        Masks stay on the device: whether a batch has padding is read once, when a mask is
+        given (a prompt), and a cache remembers it for the decoding steps that follow.
+        """
+        given_mask = mask
+        mask = self._validate(tokens, mask, positions, cache, lora_scope, validate_ids)
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = self._positions(tokens, mask, cache)
+        padded = given_mask is not None and not bool(mask.all())
+        if cache is not None:
+            padded = cache.note_padding(padded)
         key_mask = cache.write_mask(mask) if cache is not None else mask
-        attn_mask, is_causal = self._attention_mask(key_mask, tokens.shape[1], past)
+        attn_mask, is_causal = self._attention_mask(key_mask, tokens.shape[1], past, padded)
         rotary = self.rotary(positions)
 
         x = self.token_emb(tokens)  # (b, n, d)
@@ -102,6 +117,7 @@ class PaLM(nn.Module):
         positions: Tensor | None,
         cache: KVCache | None,
         lora_scope: str | None,
+        validate_ids: bool,
     ) -> Tensor:
         if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int):
             raise ValueError("tokens must be an integer tensor of token ids")
@@ -109,12 +125,13 @@ class PaLM(nn.Module):
             raise ValueError(
                 f"tokens must have shape (batch, seq_len>0), got {tuple(tokens.shape)}"
             )
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.config.num_tokens:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {self.config.num_tokens})"
-            )
+        if validate_ids:
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.config.num_tokens:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {self.config.num_tokens})"
+                )
         b, n = tokens.shape
         past = cache.length if cache is not None else 0
         if past + n > self.config.max_seq_len:
@@ -144,13 +161,16 @@ class PaLM(nn.Module):
             offsets = offsets + cache.next_position[:, None]
         return offsets
 
-    def _attention_mask(self, key_mask: Tensor, n: int, past: int) -> tuple[Tensor | None, bool]:
+    def _attention_mask(
+        self, key_mask: Tensor, n: int, past: int, padded: bool
+    ) -> tuple[Tensor | None, bool]:
         """(attn_mask (b, 1, n, m) or None, is_causal) for scaled_dot_product_attention.
 
+        padded: whether any key is padding (known on the host, so nothing is read back here).
         Every query may always see itself, so padding queries (whose outputs are ignored) never
         meet an all-masked row, which would give NaN.
         """
-        no_padding = bool(key_mask.all())
+        no_padding = not padded
         causal = self.config.causal
         if no_padding and (n == 1 or not causal):
             return None, False

@@ -10,14 +10,22 @@ Models (memory-light, RLHF checklist items 9 and 16):
 
 One iteration (`PPOTrainer.step`):
     step 1. sample prompts and generate responses with the KV cache (eval mode, dropout off)
-    step 2. score the responses; a response without eos gets no_eos_penalty instead
+    step 2. score the sampled ids; the reward model reads exactly the rows it was trained on
+            (`preferences.encode_completion`: [bos] + prompt + response + [eos], cut to its
+            training length); a response without eos gets no_eos_penalty instead, if set
     step 3. once, without gradients: old log-probs, reference log-probs and values, all from a
             full forward at the sampling temperature, in the minibatches of the first epoch
             (so the first minibatch's PPO ratio is exactly 1)
     step 4. per-token KL penalty + score at the last real token, GAE, whitened advantages
     step 5. PPO epochs over shuffled minibatches: clipped policy + value losses
-    step 6. update the KL controller and return the iteration's metrics
+    step 6. update the KL controller from the KL averaged over processes, so every rank keeps
+            the same coefficient, and return the iteration's metrics (averaged over processes)
 Losses average over valid tokens of a minibatch (rl_math).
+
+Devices: the trainer puts the policy and reward model on the accelerator's device; sampling
+draws from a generator on that device, minibatch shuffling from one on the CPU. Each process
+has its own pair (seeded by rank), and `save` keeps every rank's states, so a resumed run on
+the same number of processes replays the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +56,8 @@ from .config import LoRAConfig, PPOConfig
 from .generation import generate
 from .lora import lora_parameters, merge_lora
 from .palm import PaLM
+from .preferences import encode_reward_rows
+from .progress import progress_kwargs
 from .reward import RewardModel
 from .rl_math import (
     AdaptiveKLController,
@@ -61,10 +72,13 @@ from .rl_math import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from .tokenizer import Tokenizer, pad_sequences
-from .train_lm import WindowSchedule, append_jsonl
+from .runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from .tokenizer import Tokenizer, encode_prompt
+from .train_lm import WindowSchedule
+from .train_state import gather_rng_states, restore_rng_states
 
 ACTOR, CRITIC = "actor", "critic"
+METRICS_NAME = "ppo_metrics.jsonl"
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
@@ -118,6 +132,7 @@ class PPOTrainer:
         accelerator: Accelerator | None = None,
         out_dir: str | Path | None = None,
         show_progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one of reward_model or reward_fn")
@@ -128,9 +143,15 @@ class PPOTrainer:
         self.reward_model, self.reward_fn = reward_model, reward_fn
         self.accelerator = accelerator or Accelerator()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.show_progress = show_progress
+        self.show_progress, self.overwrite = show_progress, overwrite
+        self._run_claimed = False
         torch.manual_seed(config.seed)
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
+        # The loop places the models (they know nothing about devices, STYLE habit 2).
+        device = self.accelerator.device
+        policy.to(device)
+        if reward_model is not None:
+            reward_model.to(device)
 
         # Policy and reference: one base; the reference is the base with adapters off.
         self.policy = policy
@@ -148,11 +169,11 @@ class PPOTrainer:
             trunk = copy.deepcopy(reward_model.trunk)
             for scope in list(trunk.lora_configs):
                 merge_lora(trunk, scope)
-            head = copy.deepcopy(reward_model.head)
+            head = normalized_head(reward_model)
             reward_model.eval().requires_grad_(False)
         else:
             trunk = copy.deepcopy(policy) if config.full_finetune else policy
-            head = nn.Linear(policy.config.dim, 1)
+            head = nn.Linear(policy.config.dim, 1, device=device)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         if trunk is not policy:
@@ -176,10 +197,35 @@ class PPOTrainer:
         )
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)
         self.iteration = 0
-        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        # Sampling draws on the policy's device (a CPU generator cannot drive CUDA sampling);
+        # minibatch order is drawn on the CPU. Different seeds per process: each rank samples
+        # its own responses (checklist item 17).
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1_000_003 * (rank + 1))
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- rollout
+
+    def reward_rows(
+        self, prompt_rows: list[list[int]], response_tokens: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The reward model's input for sampled responses: tokens (b, n) and mask (b, n), built
+        by `encode_completion` from the ids the policy saw and sampled (prompt rows without
+        their bos, responses without their eos), cut to the model's training length."""
+        eos = self.tokenizer.eos_id
+        pairs = []
+        for prompt, tokens, mask in zip(prompt_rows, response_tokens, response_mask, strict=True):
+            if not prompt or prompt[0] != self.tokenizer.bos_id:
+                raise ValueError("prompt rows must start with bos (tokenizer.encode_prompt)")
+            response = tokens[mask].tolist()
+            if response and response[-1] == eos:
+                response = response[:-1]
+            pairs.append((prompt[1:], response))
+        limit = self.reward_model.max_row_len if self.reward_model is not None else None
+        if limit is None:
+            raise ValueError("reward_rows needs a reward model")
+        return encode_reward_rows(self.tokenizer, pairs, limit)
 
     @torch.no_grad()
     def score(
@@ -188,28 +234,23 @@ class PPOTrainer:
         responses: list[str],
         response_tokens: Tensor,
         response_mask: Tensor,
-        prompt_tokens: list[list[int]],
+        prompt_rows: list[list[int]],
     ) -> Tensor:
-        """Scores (b,) of prompt + response; responses without eos get no_eos_penalty."""
-        config = self.config
+        """Scores (b,) of prompt + response, on the policy's device; responses without eos get
+        no_eos_penalty instead (unless it is nan)."""
+        config, device = self.config, response_tokens.device
         if self.reward_fn is not None:
-            raw = torch.tensor([float(s) for s in self.reward_fn(prompts, responses)])
-            if raw.shape != (len(prompts),):
+            values = [float(s) for s in self.reward_fn(prompts, responses)]
+            if len(values) != len(prompts):
                 raise ValueError(
-                    f"reward_fn returned {raw.numel()} scores for {len(prompts)} responses"
+                    f"reward_fn returned {len(values)} scores for {len(prompts)} responses"
                 )
+            raw = torch.tensor(values, device=device)
         else:
-            limit = self.reward_model.trunk.config.max_seq_len
-            rows = []
-            for prompt, tokens, mask in zip(
-                prompt_tokens, response_tokens, response_mask, strict=True
-            ):
-                row = [self.tokenizer.bos_id, *prompt, *tokens[mask].tolist()]
-                rows.append(row[-limit:])
-            tokens, mask = pad_sequences(rows, self.tokenizer.pad_id, "right")
-            device = self.reward_model.head.weight.device
-            raw = self.reward_model(tokens.to(device), mask.to(device), normalized=True).cpu()
-        raw = raw.float()
+            tokens, mask = self.reward_rows(prompt_rows, response_tokens, response_mask)
+            rm_device = self.reward_model.head.weight.device
+            raw = self.reward_model(tokens.to(rm_device), mask.to(rm_device), normalized=True)
+        raw = raw.float().to(device)
         if config.score_clip > 0:
             raw = raw.clamp(-config.score_clip, config.score_clip)
         ended = (response_tokens == self.tokenizer.eos_id).any(dim=1)
@@ -225,10 +266,10 @@ class PPOTrainer:
         self.policy.eval()
         self.critic.eval()
         # step 1. generate (left-padded prompts, KV cache, sampling unfiltered)
-        prompt_tokens = [tok.encode(p, add_bos=True)[-config.max_prompt_tokens :] for p in prompts]
+        prompt_rows = [encode_prompt(tok, p, config.max_prompt_tokens) for p in prompts]
         out = generate(
             self.policy,
-            prompt_tokens,
+            prompt_rows,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             eos_id=tok.eos_id,
@@ -239,12 +280,12 @@ class PPOTrainer:
         response_mask = out.mask
         responses = [tok.decode(t[m]) for t, m in zip(out.tokens, response_mask, strict=True)]
         # step 2. score
-        scores = self.score(prompts, responses, out.tokens, response_mask, prompt_tokens)
+        scores = self.score(prompts, responses, out.tokens, response_mask, prompt_rows)
         # step 3. old/reference log-probs and values, in epoch 0's minibatches
         sequences = torch.cat((out.prompt_tokens, out.tokens), dim=1).to(device)
         sequence_mask = torch.cat((out.prompt_mask, response_mask), dim=1).to(device)
         p, b = out.prompt_tokens.shape[1], len(prompts)
-        order = torch.randperm(b, generator=self.generator)
+        order = torch.randperm(b, generator=self.shuffle_generator)
         old_logprobs = torch.zeros(response_mask.shape, device=device)
         ref_logprobs, values = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
         for chunk in order.split(config.minibatch_size):
@@ -284,7 +325,7 @@ class PPOTrainer:
             "eos_rate": (out.tokens == tok.eos_id).any(dim=1).float().mean().item(),
             "kl_coef": self.kl_controller.value,
         }
-        return rollout, metrics, order
+        return rollout, self._mean_over_processes(metrics), order
 
     def _policy_logprobs(
         self, seq: Tensor, seq_mask: Tensor, prompt_len: int, scope: str | None
@@ -305,8 +346,11 @@ class PPOTrainer:
         b = rollout.sequences.shape[0]
         stats: dict[str, list[float]] = {}
         for epoch in range(config.ppo_epochs):
-            order = first_order if epoch == 0 else torch.randperm(b, generator=self.generator)
+            order = (
+                first_order if epoch == 0 else torch.randperm(b, generator=self.shuffle_generator)
+            )
             chunks = order.split(config.minibatch_size)
+            divisors = accumulation_divisors(len(chunks), config.grad_accum)
             for index, chunk in enumerate(chunks):
                 seq, seq_mask = rollout.sequences[chunk], rollout.sequence_mask[chunk]
                 mask = rollout.response_mask[chunk]
@@ -327,9 +371,7 @@ class PPOTrainer:
                     + config.value_coef * value_loss
                     + entropy_bonus_loss(entropy, mask, config.entropy_coef)
                 )
-                # Gradient accumulation: grad_accum minibatches per optimizer step (the last
-                # step of an epoch may take fewer).
-                self.accelerator.backward(loss / config.grad_accum)
+                self.accelerator.backward(loss / divisors[index])
                 if (index + 1) % config.grad_accum == 0 or index == len(chunks) - 1:
                     self._average_gradients()
                     if config.grad_clip > 0:
@@ -352,7 +394,18 @@ class PPOTrainer:
                     )
                 for key, value in record.items():
                     stats.setdefault(key, []).append(value)
-        return {key: sum(values) / len(values) for key, values in stats.items()}
+        means = {key: sum(values) / len(values) for key, values in stats.items()}
+        return self._mean_over_processes(means)
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over processes (every rank gets the same numbers), so what is
+        logged, and the KL the adaptive controller sees, describe the whole batch."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist(), strict=True))
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -380,16 +433,22 @@ class PPOTrainer:
 
     def save(self, directory: str | Path) -> None:
         """Everything needed to continue exactly: trained adapters (or the full policy), the
-        critic's adapter and head, optimizer, KL controller, RNG states and iteration. The
-        frozen base is not saved: it is the checkpoint the run started from."""
-        if self.accelerator.is_main_process:
+        critic's adapter and head, optimizer, KL controller, iteration, and every process's RNG
+        states (torch, CUDA, the sampling and shuffling generators). The frozen base is not
+        saved: it is the checkpoint the run started from. A collective: call on every rank."""
+        accelerator = self.accelerator
+        rng = gather_rng_states(accelerator)
+        for name, generator in (("generator", self.generator), ("shuffle", self.shuffle_generator)):
+            state = generator.get_state()[None].to(accelerator.device)
+            rng[name] = accelerator.gather(state).cpu()
+        if accelerator.is_main_process:
             tensors, skeleton = flatten_state(
                 {
                     "optimizer": self.optimizer.state_dict(),
                     "kl": self.kl_controller.state_dict(),
                     "iteration": self.iteration,
-                    "torch_rng": torch.get_rng_state(),
-                    "generator": self.generator.get_state(),
+                    "num_processes": accelerator.num_processes,
+                    **rng,
                 }
             )
             save_model_dir(
@@ -398,12 +457,15 @@ class PPOTrainer:
                 {"ppo_config.json": asdict(self.config), "ppo_state.json": skeleton},
                 {"ppo_state.safetensors": tensors},
             )
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
 
     def load(self, directory: str | Path) -> None:
         """Restore a `save` directory into a trainer built the same way (same base policy,
-        reward model or function, and config)."""
+        reward model or function, config and number of processes). Metric lines logged after
+        the saved iteration are dropped from ppo_metrics.jsonl, so none appears twice."""
         directory = Path(directory)
+        if not (directory / "ppo_state.json").is_file():
+            raise FileNotFoundError(f"{directory}: no PPO state to resume (ppo_state.json)")
         saved_config = read_json(directory / "ppo_config.json")
         if saved_config != json.loads(json.dumps(asdict(self.config))):
             raise ValueError(f"{directory}: saved with a different PPOConfig: {saved_config}")
@@ -415,18 +477,29 @@ class PPOTrainer:
             raise ValueError(
                 f"{directory}: trainable tensors differ (missing {missing}, unexpected {extra})"
             )
-        with torch.no_grad():
-            for name, param in current.items():
-                param.copy_(weights[name])
         state = unflatten_state(
             read_json(directory / "ppo_state.json"),
             load_safetensors(directory / "ppo_state.safetensors"),
         )
+        saved_world = state.get("num_processes", 1)
+        if saved_world != self.accelerator.num_processes:
+            raise ValueError(
+                f"{directory}: saved by {saved_world} processes, resuming with "
+                f"{self.accelerator.num_processes}; exact resume needs the same number"
+            )
+        with torch.no_grad():
+            for name, param in current.items():
+                param.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.load_state_dict(state["kl"])
         self.iteration = int(state["iteration"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator"])
+        rank = self.accelerator.process_index
+        restore_rng_states(state, self.accelerator)
+        self.generator.set_state(state["generator"][rank].contiguous())
+        self.shuffle_generator.set_state(state["shuffle"][rank].contiguous())
+        if self.out_dir is not None and self.accelerator.is_main_process:
+            truncate_metrics(self.out_dir / METRICS_NAME, self.iteration, key="iteration")
+        self._run_claimed = True  # a resumed run continues its own metrics file
 
     def step(self) -> dict[str, Any]:
         """One PPO iteration on the next rollout_batch_size prompts."""
@@ -440,27 +513,80 @@ class PPOTrainer:
         ]
         rollout, metrics, order = self.rollout(prompts)
         metrics.update(self.learn(rollout, order))
-        # step 6. adapt the KL coefficient to the KL measured on this rollout
+        # step 6. adapt the KL coefficient to the KL measured on this rollout, averaged over
+        # processes (rollout() already reduced it), so every rank keeps the same coefficient
         self.kl_controller.update(metrics["kl_ref"], config.rollout_batch_size * world)
         self.iteration += 1
         metrics["iteration"] = self.iteration
         self.history.append(metrics)
         if self.out_dir is not None and self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            append_jsonl(self.out_dir / "ppo_metrics.jsonl", metrics)
+            append_jsonl(self.out_dir / METRICS_NAME, metrics)
         return metrics
 
-    def train(self, num_iterations: int) -> list[dict[str, Any]]:
+    def train(
+        self,
+        num_iterations: int,
+        time_limit_s: float = 0.0,
+        checkpoint_every: int = 0,
+        checkpoint_dir: str | Path | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run `num_iterations` MORE iterations (after a `load`, counting from the resumed
+        one; the CLI's --iterations is a total instead). Stops early once time_limit_s seconds
+        have passed (0 = no limit; rank 0's clock decides for all ranks). Every
+        checkpoint_every iterations, `save(checkpoint_dir)`. Returns this call's metrics."""
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        self._claim_run()
         bar = tqdm(
             range(num_iterations),
             desc="ppo",
-            disable=not (self.show_progress and self.accelerator.is_main_process),
+            **progress_kwargs(self.show_progress and self.accelerator.is_main_process),
         )
-        results = []
+        began, results = time.perf_counter(), []
         for _ in bar:
             metrics = self.step()
             results.append(metrics)
             bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
+            if checkpoint_every and self.iteration % checkpoint_every == 0:
+                self.save(checkpoint_dir)
+            if time_limit_s and rank0_decides(
+                time.perf_counter() - began > time_limit_s, self.accelerator
+            ):
+                break
+        bar.close()
         return results
+
+    def _claim_run(self) -> None:
+        """A fresh run never appends to another run's ppo_metrics.jsonl (refused unless
+        overwrite=True, which deletes it); a resumed one (`load`) continues its own."""
+        if self._run_claimed or self.out_dir is None:
+            return
+        claim_run_dir(self.out_dir, [METRICS_NAME], False, self.overwrite, self.accelerator)
+        self._run_claimed = True
+
+
+def accumulation_divisors(num_minibatches: int, grad_accum: int) -> list[int]:
+    """What each minibatch's loss is divided by: the size of the accumulation group it falls
+    in. Groups hold grad_accum minibatches; the last group of an epoch may hold fewer, and is
+    averaged over the ones it has, so every optimizer step takes a mean gradient."""
+    sizes = []
+    for index in range(num_minibatches):
+        start = index - index % grad_accum
+        sizes.append(min(grad_accum, num_minibatches - start))
+    return sizes
+
+
+def normalized_head(reward_model: RewardModel) -> nn.Linear:
+    """A copy of the reward model's scalar head that outputs the NORMALISED score, (w.h + b -
+    mean) / std, so a critic initialised from it starts out predicting the scores PPO's rewards
+    are made of (the reward is read with normalized=True)."""
+    head = copy.deepcopy(reward_model.head)
+    with torch.no_grad():
+        std = reward_model.score_std.to(head.weight.dtype)
+        mean = reward_model.score_mean.to(head.weight.dtype)
+        head.weight.div_(std)
+        head.bias.sub_(mean).div_(std)
+    return head

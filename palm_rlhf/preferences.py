@@ -179,11 +179,21 @@ def _ranks_from_ranking(where: str, ranking: Any, k: int) -> list[int]:
 def encode_completion(
     tokenizer: Tokenizer, prompt: list[int], response: list[int], max_seq_len: int
 ) -> list[int]:
-    """[bos] + prompt + response + [eos], at most max_seq_len tokens.
+    """The reward model's row for one (prompt, response): [bos] + prompt + response + [eos], at
+    most max_seq_len tokens. The one owner of this layout: reward training, `score` and PPO all
+    build their rows here, from token ids (PPO passes the ids it sampled, never re-encoded text).
 
-    The reward is read at the last token (reward.py), so the end of the response and its eos
-    are never cut: an overlong row loses prompt tokens from the left first, and only if the
-    response + eos alone do not fit, the prompt is gone and the response loses its start.
+    `prompt` holds the prompt's tokens without bos, `response` the response's without eos.
+
+    Unfinished responses: the row ends with eos whether or not the response did. The reward is
+    read at the last token (reward.py), and rankings are of texts, which carry no "finished"
+    flag, so every row the model trains on ends in eos; scoring an unfinished response anywhere
+    else would read a position it never learned. Whether not finishing should cost anything is
+    the RL loop's decision (PPOConfig.no_eos_penalty), not the layout's.
+
+    Truncation: the end of the response and its eos are never cut. An overlong row loses prompt
+    tokens from the left first; only if the response + eos alone do not fit is the prompt gone
+    and the response loses its start. bos always stays.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2 (bos + eos), got {max_seq_len}")
@@ -192,6 +202,20 @@ def encode_completion(
         return [tokenizer.bos_id, *tail[len(tail) - (max_seq_len - 1) :]]
     keep = max_seq_len - 1 - len(tail)
     return [tokenizer.bos_id, *prompt[max(0, len(prompt) - keep) :], *tail]
+
+
+def encode_reward_rows(
+    tokenizer: Tokenizer,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    max_seq_len: int,
+) -> tuple[Tensor, Tensor]:
+    """(prompt ids, response ids) pairs -> tokens (b, n) right-padded and mask (b, n), each row
+    built by `encode_completion`."""
+    rows = [
+        encode_completion(tokenizer, list(prompt), list(response), max_seq_len)
+        for prompt, response in pairs
+    ]
+    return pad_sequences(rows, tokenizer.pad_id, "right")
 
 
 def encode_groups(
@@ -205,16 +229,14 @@ def encode_groups(
     """
     if not groups:
         raise ValueError("encode_groups needs at least one group")
-    rows, ranks, group_ids = [], [], []
+    pairs, ranks, group_ids = [], [], []
     for index, group in enumerate(groups):
         prompt = tokenizer.encode(group.prompt)
         for response, rank in zip(group.responses, group.ranks, strict=True):
-            rows.append(
-                encode_completion(tokenizer, prompt, tokenizer.encode(response), max_seq_len)
-            )
+            pairs.append((prompt, tokenizer.encode(response)))
             ranks.append(rank)
             group_ids.append(index)
-    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    tokens, mask = encode_reward_rows(tokenizer, pairs, max_seq_len)
     return {
         "tokens": tokens,  # (N, n)
         "mask": mask,  # (N, n)
@@ -230,13 +252,8 @@ def encode_ratings(
     (for a rating head), float otherwise (for regression)."""
     if not examples:
         raise ValueError("encode_ratings needs at least one example")
-    rows = [
-        encode_completion(
-            tokenizer, tokenizer.encode(ex.prompt), tokenizer.encode(ex.response), max_seq_len
-        )
-        for ex in examples
-    ]
-    tokens, mask = pad_sequences(rows, tokenizer.pad_id, "right")
+    pairs = [(tokenizer.encode(ex.prompt), tokenizer.encode(ex.response)) for ex in examples]
+    tokens, mask = encode_reward_rows(tokenizer, pairs, max_seq_len)
     return {"tokens": tokens, "mask": mask, "ratings": torch.tensor([ex.rating for ex in examples])}
 
 

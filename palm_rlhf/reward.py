@@ -47,9 +47,13 @@ class RewardConfig:
     """LoRA scale numerator (the adapter output is multiplied by alpha / rank)."""
     pairwise_margin: float = 0.0
     """Margin m in the pairwise loss -log sigmoid(r_chosen - r_rejected - m) [0]."""
+    max_seq_len: int = 0
+    """Longest prompt + response row, in tokens, the model was trained on: `train_reward` sets
+    it to the run's seq_len, and scoring (PPO, `palm-rlhf score`) cuts rows to it exactly as
+    training did (`preferences.encode_completion`). 0: the trunk's max_seq_len."""
 
     def __post_init__(self) -> None:
-        for name in ("rating_bins", "lora_rank"):
+        for name in ("rating_bins", "lora_rank", "max_seq_len"):
             value = getattr(self, name)
             _check(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,
@@ -57,6 +61,7 @@ class RewardConfig:
                 f"must be a non-negative int, got {value!r}",
             )
         _check(self.rating_bins != 1, "rating_bins", "must be 0 (no head) or at least 2, got 1")
+        _check(self.max_seq_len != 1, "max_seq_len", "must be 0 (the trunk's) or at least 2, got 1")
         for name in ("lora_alpha", "pairwise_margin"):
             value = getattr(self, name)
             _check(
@@ -118,12 +123,21 @@ class RewardModel(nn.Module):
     @beartype
     def __init__(self, palm: PaLM, config: RewardConfig = RewardConfig()) -> None:
         super().__init__()
+        if config.max_seq_len > palm.config.max_seq_len:
+            raise ValueError(
+                f"RewardConfig.max_seq_len={config.max_seq_len} exceeds the trunk's max_seq_len "
+                f"{palm.config.max_seq_len}"
+            )
         self.config = config
         self.trunk = palm
         if config.lora_rank > 0:
             self._attach_lora(palm, config)
         else:
-            palm.requires_grad_(True)  # full fine-tune, even of a trunk that arrived frozen
+            # Full fine-tune, even of a trunk that arrived frozen. Adapter scopes the trunk
+            # brought along (an SFT or PPO adapter) are never applied here (lora_scope is None),
+            # so they stay frozen: a trainable parameter that gets no gradient breaks DDP.
+            for name, param in palm.named_parameters():
+                param.requires_grad_(".adapters." not in name)
         dim, weight = palm.config.dim, palm.token_emb.weight  # heads follow the trunk's place
         self.head = _new_head(dim, 1, weight)
         self.rating_head = (
@@ -147,6 +161,11 @@ class RewardModel(nn.Module):
             )
         for name, param in palm.named_parameters():
             param.requires_grad_(f".adapters.{REWARD_SCOPE}." in name)
+
+    @property
+    def max_row_len(self) -> int:
+        """The length scoring rows are cut to: the training length, else the trunk's limit."""
+        return self.config.max_seq_len or self.trunk.config.max_seq_len
 
     @property
     def lora_scope(self) -> str | None:
@@ -198,9 +217,10 @@ class RewardModel(nn.Module):
         self.score_std.copy_(scores.std(correction=0).clamp(min=1e-6))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The 'reward' LoRA scope + heads under LoRA; every parameter otherwise."""
+        """The 'reward' LoRA scope + heads under LoRA; every parameter that trains otherwise
+        (adapter scopes brought in with the trunk stay frozen)."""
         if self.lora_scope is None:
-            return list(self.parameters())
+            return [param for param in self.parameters() if param.requires_grad]
         heads = [*self.head.parameters()]
         if self.rating_head is not None:
             heads += [*self.rating_head.parameters()]

@@ -2,6 +2,11 @@
 
 Ids 0..255 are the UTF-8 bytes; pad, bos and eos follow. Pad and eos must differ (RLHF
 checklist item 2): masking padding must never mask the token that ends a response.
+
+The bos convention, the same in every stage: every sequence a model reads starts with bos.
+Pretraining documents are `[bos] + doc + [eos]` (data.py), SFT and reward-model rows are
+`[bos] + prompt + response + [eos]` (data.py, preferences.py), and every generating stage
+(generate, sampling for labels, PPO) feeds the policy `encode_prompt`'s `[bos] + prompt`.
 """
 
 from __future__ import annotations
@@ -71,6 +76,21 @@ class ByteTokenizer:
         """
         rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
         return pad_sequences(rows, self.pad_id, padding_side, max_length)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """The policy's input for a prompt: [bos] + the prompt's tokens, at most max_tokens in all.
+
+    The one owner of this layout (generate, the labeler's sampling and PPO call it). A long
+    prompt loses tokens from its left, where they matter least for what comes next; bos is
+    never cut, since the model only ever saw sequences that start with it.
+    """
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    ids = tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[max(0, len(ids) - (max_tokens - 1)) :] if max_tokens > 1 else []
+    return [tokenizer.bos_id, *ids]
 
 
 def pad_sequences(

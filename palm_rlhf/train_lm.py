@@ -11,7 +11,6 @@ every process's RNG state. Resuming at step N therefore replays steps N+1.. bit 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -27,12 +26,18 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from . import data as corpus
-from .checkpoint import write_bytes_atomic
-from .config import PaLMConfig, TrainConfig, save_config
+from .checkpoint import read_json, resolve_run_dir
+from .config import PaLMConfig, TrainConfig
 from .generation import generate
 from .palm import IGNORE_INDEX, PaLM, lm_loss, shift_targets
-from .tokenizer import ByteTokenizer, Tokenizer
+from .progress import progress_kwargs
+from .runs import append_jsonl, claim_run_dir, rank0_decides, read_metrics, start_run
+from .tokenizer import ByteTokenizer, Tokenizer, encode_prompt
 from .train_state import TrainingCheckpoints
+
+__all__ = ["read_metrics", "train_lm"]  # read_metrics: re-exported for existing callers
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -167,7 +172,7 @@ def evaluate_bpb(
 
 
 def train_lm(
-    model_config: PaLMConfig,
+    model_config: PaLMConfig | None,
     config: TrainConfig,
     out_dir: str | Path,
     resume: bool = False,
@@ -177,15 +182,27 @@ def train_lm(
     tokenizer: Tokenizer | None = None,
     log_with: str | list[str] | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train and return the logged metric dicts (also written to out_dir/metrics.jsonl)."""
+    """Train and return the logged metric dicts (also written to out_dir/metrics.jsonl).
+
+    model_config: the architecture of a fresh model. With init_checkpoint the architecture is
+    the checkpoint's: pass None (or the same config). A fresh run into an out_dir that already
+    holds a run is refused unless resume (continue it) or overwrite (delete its metrics and
+    checkpoints first).
+    """
     # step 1. processes, output folder, seeds
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
     tokenizer = tokenizer or ByteTokenizer()
     out_dir = Path(out_dir)
+    claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
     checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    if init_checkpoint is not None:
+        model_config = _init_architecture(init_checkpoint, model_config)
+    if model_config is None:
+        raise ValueError("train_lm needs a model_config, or an init_checkpoint to start from")
     if model_config.num_tokens != tokenizer.vocab_size:
         raise ValueError(
             f"model num_tokens={model_config.num_tokens} but the tokenizer has "
@@ -218,12 +235,6 @@ def train_lm(
             )
     elif init_checkpoint is not None:
         model = PaLM.from_pretrained(init_checkpoint)
-        if model.config.num_tokens != model_config.num_tokens:
-            raise ValueError(
-                f"{init_checkpoint}: vocabulary {model.config.num_tokens} does not "
-                f"match {model_config.num_tokens}"
-            )
-        model_config = model.config
     else:
         model = PaLM(model_config)
     model.train()
@@ -241,7 +252,7 @@ def train_lm(
     bar = tqdm(
         total=config.steps,
         initial=start_step,
-        disable=not (show_progress and accelerator.is_main_process),
+        **progress_kwargs(show_progress and accelerator.is_main_process),
         desc="sft" if sft else "pretrain",
     )
     began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
@@ -296,7 +307,10 @@ def train_lm(
             window_start, window_tokens = time.perf_counter(), 0
         if accelerator.is_main_process and config.sample_every and step % config.sample_every == 0:
             bar.write(sample_text(accelerator.unwrap_model(model), tokenizer, config))
-        out_of_time = config.time_limit_s and time.perf_counter() - began > config.time_limit_s
+        # Rank 0's clock decides for everyone: ranks that disagreed would hang in a collective.
+        out_of_time = bool(config.time_limit_s) and rank0_decides(
+            time.perf_counter() - began > config.time_limit_s, accelerator
+        )
         periodic = config.checkpoint_every and step % config.checkpoint_every == 0
         if periodic or step == config.steps or out_of_time:
             checkpoints.save(
@@ -322,7 +336,7 @@ def train_lm(
 
 
 def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
-    prompt = tokenizer.encode(config.sample_prompt, add_bos=True)
+    prompt = encode_prompt(tokenizer, config.sample_prompt)
     out = generate(
         model,
         [prompt],
@@ -337,40 +351,20 @@ def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
     return f"--- sample ---\n{text}\n--------------"
 
 
-def start_run(
-    out_dir: Path,
-    config: TrainConfig,
-    start_step: int,
-    accelerator: Accelerator,
-    log_with: str | list[str] | None,
-    extra_config: dict[str, Any],
-) -> Path:
-    """Prepare a run directory: save the TrainConfig, cut metrics.jsonl back to the step the run
-    (re)starts from, start any trackers. Returns the metrics file's path."""
-    metrics_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "train_config.json")
-        truncate_metrics(metrics_path, start_step)
-    if log_with:
-        accelerator.init_trackers("palm_rlhf", config={**asdict(config), **extra_config})
-    return metrics_path
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint the run restarts from, so the
-    file reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _init_architecture(init_checkpoint: str | Path, requested: PaLMConfig | None) -> PaLMConfig:
+    """The architecture of an init checkpoint (read from its config.json, no weights), which a
+    run from it (and its resume) uses; a different requested config is an error, not ignored."""
+    directory = resolve_run_dir(Path(init_checkpoint))
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (is {init_checkpoint} a PaLM checkpoint?)")
+    found = PaLMConfig.from_dict(read_json(path))
+    if requested is not None and requested != found:
+        differ = sorted(
+            name for name, value in requested.to_dict().items() if getattr(found, name) != value
+        )
+        raise ValueError(
+            f"{init_checkpoint}: the architecture comes from the init checkpoint, but the "
+            f"requested model config differs in {differ}; leave the model options out"
+        )
+    return found

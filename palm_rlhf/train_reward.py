@@ -4,21 +4,34 @@ The loop follows `train_lm`'s conventions: batches are a pure function of (seed,
 the learning rate a function of the step, and checkpoints (model + optimizer + RNG, no pickle)
 make a resumed run replay the uninterrupted one exactly.
 
-Each step takes `batch_size` prompt groups; every completion of a group is forwarded once and all
-its untied pairs enter InstructGPT's K-wise loss (`reward.ranking_loss`). Rating records, if the
-data has any, add a rating loss on `batch_size` of them: cross-entropy over the rating head when
-`RewardConfig.rating_bins` > 0, else regression of the scalar score onto the rating.
+Each micro-batch takes `batch_size` prompt groups; every completion of a group is forwarded once
+and all its untied pairs enter InstructGPT's K-wise loss (`reward.ranking_loss`). Rating
+records, if the data has any, add a rating loss on `batch_size` of them: cross-entropy over the
+rating head when `RewardConfig.rating_bins` > 0, else regression of the scalar score onto the
+rating. Groups and ratings go through the trunk in ONE forward, and a head the data never
+trains (the rating head on ranking-only data) is frozen: under DDP every trained parameter must
+get a gradient in every step.
+
+The held-out split is by prompt over groups and ratings together, so no held-out prompt's
+ratings train the model. Rows are built by `preferences.encode_completion`, cut to `seq_len`,
+which the saved RewardConfig records (`max_seq_len`) so scoring cuts rows the same way.
+
+TrainConfig fields that do not apply here (corpus and sampling options: jsonl_field,
+eval_batches, sample_every, sample_prompt) must keep their defaults; anything else is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -32,6 +45,7 @@ from .preferences import (
     load_preferences,
     split_groups,
 )
+from .progress import progress_kwargs
 from .reward import (
     RewardConfig,
     RewardModel,
@@ -40,13 +54,34 @@ from .reward import (
     rating_loss,
     rating_regression_loss,
 )
+from .runs import append_jsonl, claim_run_dir, rank0_decides, start_run
 from .tokenizer import ByteTokenizer, Tokenizer
-from .train_lm import WindowSchedule, append_jsonl, lr_at, make_optimizer, start_run
+from .train_lm import RUN_MARKERS, WindowSchedule, lr_at, make_optimizer
 from .train_state import TrainingCheckpoints
+
+NOT_FOR_REWARD = ("jsonl_field", "eval_batches", "sample_every", "sample_prompt")
+"""TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def join_rows(
+    groups: dict[str, Tensor] | None, ratings: dict[str, Tensor] | None, pad_id: int
+) -> tuple[Tensor, Tensor, int]:
+    """Stack group rows and rating rows (each right-padded) into one (N, n) batch for a single
+    trunk pass; returns tokens, mask and the number of group rows (they come first)."""
+    parts = [part for part in (groups, ratings) if part is not None]
+    width = max(part["tokens"].shape[1] for part in parts)
+    tokens = torch.cat(
+        [
+            F.pad(part["tokens"], (0, width - part["tokens"].shape[1]), value=pad_id)
+            for part in parts
+        ]
+    )
+    mask = torch.cat([F.pad(part["mask"], (0, width - part["mask"].shape[1])) for part in parts])
+    return tokens, mask, 0 if groups is None else len(groups["tokens"])
 
 
 def step_loss(
@@ -54,24 +89,39 @@ def step_loss(
     groups: dict[str, Tensor] | None,
     ratings: dict[str, Tensor] | None,
     reward_config: RewardConfig,
+    pad_id: int,
 ) -> tuple[Tensor, int, int]:
-    """(loss, correct pairs, total pairs) of one micro-batch. Calls the wrapped model's forward
-    so DDP's gradient hooks run."""
-    loss, correct, total = torch.zeros(()), 0, 0
+    """(loss, correct pairs, total pairs) of one micro-batch: one call of the (possibly
+    DDP-wrapped) model's forward over groups and ratings together, so DDP's hooks run once."""
+    tokens, mask, num_group_rows = join_rows(groups, ratings, pad_id)
+    with_ratings = ratings is not None and reward_config.rating_bins > 0
+    out = model(tokens, mask, with_rating_logits=with_ratings)
+    scores, rating_logits = out if with_ratings else (out, None)
+    loss, correct, total = scores.sum() * 0.0, 0, 0
     if groups is not None:
-        scores = model(groups["tokens"], groups["mask"])  # (N,)
+        group_scores = scores[:num_group_rows]  # (N,)
         loss = ranking_loss(
-            scores, groups["ranks"], groups["group"], margin=reward_config.pairwise_margin
+            group_scores, groups["ranks"], groups["group"], margin=reward_config.pairwise_margin
         )
-        correct, total = pairwise_accuracy(scores.detach(), groups["ranks"], groups["group"])
+        correct, total = pairwise_accuracy(group_scores.detach(), groups["ranks"], groups["group"])
     if ratings is not None:
-        if reward_config.rating_bins > 0:
-            _, logits = model(ratings["tokens"], ratings["mask"], with_rating_logits=True)
+        if rating_logits is not None:
+            logits = rating_logits[num_group_rows:]
             loss = loss + rating_loss(logits, ratings["ratings"].long())
         else:
-            scores = model(ratings["tokens"], ratings["mask"])
-            loss = loss + rating_regression_loss(scores, ratings["ratings"].float())
+            rated = scores[num_group_rows:]
+            loss = loss + rating_regression_loss(rated, ratings["ratings"].float())
     return loss, correct, total
+
+
+def freeze_untrained_heads(model: RewardModel, has_groups: bool, has_ratings: bool) -> None:
+    """A head the data never trains gets no gradient; under DDP an unused trainable parameter
+    fails the second step ("Expected to have finished reduction in the prior iteration"), and
+    an optimizer would decay it for nothing. Frozen heads keep their initial weights."""
+    if model.rating_head is not None and not has_ratings:
+        model.rating_head.requires_grad_(False)
+    if model.rating_head is not None and not has_groups:
+        model.head.requires_grad_(False)  # ratings-only data trains the rating head alone
 
 
 def scored_batches(
@@ -174,31 +224,43 @@ def train_reward(
     tokenizer: Tokenizer | None = None,
     log_with: str | list[str] | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train a reward model from a PaLM checkpoint `init` on preference data; return the logged
     metrics (also in out_dir/metrics.jsonl: step, loss, accuracy, lr, tokens_per_s,
-    eval_accuracy when evaluated)."""
-    # step 1. processes, seeds, output
+    eval_accuracy when evaluated). A fresh run into an out_dir holding a run is refused unless
+    resume or overwrite."""
+    # step 1. processes, seeds, output, options
+    unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
+    if unused:
+        raise ValueError(
+            f"reward training does not use TrainConfig fields {unused}; leave them out"
+        )
     reward_config = reward_config or RewardConfig()
+    if reward_config.max_seq_len not in (0, config.seq_len):
+        raise ValueError(
+            f"RewardConfig.max_seq_len={reward_config.max_seq_len} differs from seq_len "
+            f"{config.seq_len}; the loop records seq_len there, leave it at 0"
+        )
+    reward_config = dataclasses.replace(reward_config, max_seq_len=config.seq_len)
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
     tokenizer = tokenizer or ByteTokenizer()
     out_dir = Path(out_dir)
+    claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
     checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
     torch.manual_seed(config.seed)
 
-    # step 2. data: groups split by prompt into train / held-out, plus any rating records
+    # step 2. data: split by prompt (groups and ratings together) into train / held-out
     prefs = data if isinstance(data, PreferenceData) else load_preferences(data)
-    train_groups, heldout_groups = (
-        split_groups(prefs.groups, heldout_fraction, config.seed)
-        if len(prefs.groups) >= 2
-        else (list(prefs.groups), [])
+    train_groups, heldout_groups, train_ratings = split_preferences(
+        prefs, heldout_fraction, config.seed
     )
-    if not train_groups and not prefs.ratings:
+    if not train_groups and not train_ratings:
         raise ValueError(f"{data}: no preference groups or ratings to train on")
     group_schedule = WindowSchedule(len(train_groups), config.seed) if train_groups else None
-    rating_schedule = WindowSchedule(len(prefs.ratings), config.seed + 1) if prefs.ratings else None
+    rating_schedule = WindowSchedule(len(train_ratings), config.seed + 1) if train_ratings else None
 
     # step 3. model and optimizer: from the PaLM checkpoint, or resumed
     latest = checkpoints.latest() if resume else None
@@ -211,9 +273,7 @@ def train_reward(
         raise ValueError(
             f"{latest}: reward config {model.config} does not match the requested {reward_config}"
         )
-    max_len = model.trunk.config.max_seq_len
-    if config.seq_len > max_len:
-        raise ValueError(f"seq_len {config.seq_len} exceeds the trunk's max_seq_len {max_len}")
+    freeze_untrained_heads(model, bool(train_groups), bool(train_ratings))
     model.train()
     optimizer = make_optimizer(model, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
@@ -222,55 +282,67 @@ def train_reward(
         out_dir, config, start_step, accelerator, log_with, asdict(reward_config)
     )
 
-    # step 4. the loop
+    # step 4. the loop: accumulate micro-batches, clip, step, log, evaluate
     history: list[dict[str, Any]] = []
     world, rows = accelerator.num_processes, config.batch_size
     bar = tqdm(
         total=config.steps,
         initial=start_step,
         desc="reward",
-        disable=not (show_progress and accelerator.is_main_process),
+        **progress_kwargs(show_progress and accelerator.is_main_process),
     )
+    began = time.perf_counter()
     window_start, window_tokens, correct_sum, pair_sum = time.perf_counter(), 0, 0, 0
     step = start_step
     while step < config.steps:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        first = (step * world + accelerator.process_index) * rows
-        groups = ratings = None
-        if group_schedule is not None:
-            batch = [train_groups[i] for i in group_schedule.items(first, rows)]
-            groups = _to(encode_groups(batch, tokenizer, config.seq_len), accelerator.device)
-            window_tokens += int(groups["mask"].sum())
-        if rating_schedule is not None:
-            batch = [prefs.ratings[i] for i in rating_schedule.items(first, rows)]
-            ratings = _to(encode_ratings(batch, tokenizer, config.seq_len), accelerator.device)
-            window_tokens += int(ratings["mask"].sum())
-        with accelerator.autocast():
-            loss, correct, total = step_loss(model, groups, ratings, reward_config)
-        accelerator.backward(loss)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(config.grad_accum):
+            first = ((step * config.grad_accum + micro) * world + accelerator.process_index) * rows
+            groups = ratings = None
+            if group_schedule is not None:
+                batch = [train_groups[i] for i in group_schedule.items(first, rows)]
+                groups = _to(encode_groups(batch, tokenizer, config.seq_len), accelerator.device)
+                window_tokens += int(groups["mask"].sum())
+            if rating_schedule is not None:
+                batch = [train_ratings[i] for i in rating_schedule.items(first, rows)]
+                ratings = _to(encode_ratings(batch, tokenizer, config.seq_len), accelerator.device)
+                window_tokens += int(ratings["mask"].sum())
+            last = micro == config.grad_accum - 1
+            with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                loss, correct, total = step_loss(
+                    model, groups, ratings, reward_config, tokenizer.pad_id
+                )
+            accelerator.backward(loss / config.grad_accum)
+            loss_sum += loss.detach()
+            correct_sum, pair_sum = correct_sum + correct, pair_sum + total
         if config.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        correct_sum, pair_sum = correct_sum + correct, pair_sum + total
         step += 1
         bar.update(1)
+        # Rank 0's clock decides for everyone: ranks that disagreed would hang in a collective.
+        out_of_time = bool(config.time_limit_s) and rank0_decides(
+            time.perf_counter() - began > config.time_limit_s, accelerator
+        )
+        final = step == config.steps or out_of_time
 
-        if step % config.log_every == 0 or step == config.steps:
+        if step % config.log_every == 0 or final:
             counts = accelerator.reduce(
                 torch.tensor([correct_sum, pair_sum], device=accelerator.device), "sum"
             )
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step,
-                "loss": accelerator.reduce(loss.detach(), "mean").item(),
+                "loss": accelerator.reduce(loss_sum, "mean").item() / config.grad_accum,
                 "accuracy": counts[0].item() / max(1, counts[1].item()),
                 "lr": lr,
                 "tokens_per_s": round(window_tokens * world / max(elapsed, 1e-9), 1),
             }
-            evaluate = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
+            evaluate = config.eval_every and (step % config.eval_every == 0 or final)
             if evaluate and heldout_groups:
                 record["eval_accuracy"] = evaluate_accuracy(
                     model, heldout_groups, tokenizer, config.seq_len, rows, accelerator
@@ -283,13 +355,13 @@ def train_reward(
             window_start, window_tokens, correct_sum, pair_sum = time.perf_counter(), 0, 0, 0
 
         # step 5. checkpoints; the last one also stores score normalisation statistics
-        if step == config.steps and train_groups:
+        if final and train_groups:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.set_normalization(
                 normalization_scores(unwrapped, train_groups, tokenizer, config.seq_len, rows)
             )
         periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-        if periodic or step == config.steps:
+        if periodic or final:
             checkpoints.save(
                 step,
                 accelerator.unwrap_model(model),
@@ -297,6 +369,24 @@ def train_reward(
                 accelerator,
                 {"train_config.json": asdict(config)},
             )
+        if out_of_time:
+            break
     bar.close()
     accelerator.end_training()
     return history
+
+
+def split_preferences(
+    prefs: PreferenceData, heldout_fraction: float, seed: int
+) -> tuple[list[PreferenceGroup], list[PreferenceGroup], list]:
+    """(train groups, held-out groups, train ratings): one split by prompt over groups and
+    ratings together, so a held-out prompt trains nothing, not even through its ratings."""
+    items = [*prefs.groups, *prefs.ratings]
+    if len({item.prompt for item in items}) < 2:
+        return list(prefs.groups), [], list(prefs.ratings)
+    train, heldout = split_groups(items, heldout_fraction, seed)
+    held_prompts = {item.prompt for item in heldout}
+    train_groups = [g for g in prefs.groups if g.prompt not in held_prompts]
+    heldout_groups = [g for g in prefs.groups if g.prompt in held_prompts]
+    train_ratings = [r for r in prefs.ratings if r.prompt not in held_prompts]
+    return train_groups, heldout_groups, train_ratings

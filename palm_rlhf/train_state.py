@@ -56,13 +56,12 @@ class TrainingCheckpoints:
         json_files: dict[str, Any] | None = None,
     ) -> Path:
         directory = self.root / f"step_{step:07d}"
-        # Every process's RNG state, so dropout and sampling continue identically on resume.
-        rng = accelerator.gather(torch.get_rng_state()[None].to(accelerator.device)).cpu()
+        rng = gather_rng_states(accelerator)
         if accelerator.is_main_process:
             tensors, skeleton = flatten_state(
                 {
                     "optimizer": optimizer.state_dict(),
-                    "rng": rng,
+                    **rng,
                     "step": step,
                     "num_processes": accelerator.num_processes,
                 }
@@ -90,7 +89,7 @@ class TrainingCheckpoints:
                 f"{accelerator.num_processes}; exact resume needs the same number"
             )
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"][accelerator.process_index].contiguous())
+        restore_rng_states(state, accelerator)
         return int(state["step"])
 
     def _prune(self, keep_name: str) -> None:
@@ -98,3 +97,26 @@ class TrainingCheckpoints:
         for old in steps[: max(0, len(steps) - self.keep)]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def gather_rng_states(accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Every process's RNG states, stacked by rank: the CPU generator's as "rng" and, on a CUDA
+    device, that device's generator as "cuda_rng" (dropout and sampling on a GPU draw from it),
+    so a resumed run continues the same random streams. A collective: call on every rank."""
+    device = accelerator.device
+    states = {"rng": accelerator.gather(torch.get_rng_state()[None].to(device)).cpu()}
+    if device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)[None].to(device)
+        states["cuda_rng"] = accelerator.gather(cuda).cpu()
+    return states
+
+
+def restore_rng_states(state: dict[str, Any], accelerator: Accelerator) -> None:
+    """Set this process's RNG states from `gather_rng_states`' output (by process index). A
+    checkpoint saved on CPU and resumed on a GPU has no CUDA state to restore: the run goes on
+    with the device's current stream (it could not replay the CPU's draws anyway)."""
+    rank = accelerator.process_index
+    torch.set_rng_state(state["rng"][rank].contiguous())
+    device = accelerator.device
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"][rank].contiguous(), device)

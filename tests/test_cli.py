@@ -256,10 +256,32 @@ def test_ppo_stage_runs_alone_and_resumes(tmp_path, capsys):
             *extra,
         ]
 
-    assert main(ppo_args(prompts, 2)) == 0
-    assert main(ppo_args(prompts, 1, "--resume")) == 0
-    lines = (tmp_path / "ppo" / "ppo_metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]
+    metrics = tmp_path / "ppo" / "ppo_metrics.jsonl"
+
+    def iterations():
+        return [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+
+    assert main(ppo_args(prompts, 2, "--checkpoint-every", "1")) == 0
+    assert iterations() == [1, 2]
+    # A run killed after logging iteration 3 but before saving it: resuming replays 3 and the
+    # stray line goes, so no iteration appears twice. --iterations is a total, like --steps.
+    with open(metrics, "a") as handle:
+        handle.write(json.dumps({"iteration": 3, "stray": True}) + "\n")
+    assert main(ppo_args(prompts, 4, "--resume")) == 0
+    assert iterations() == [1, 2, 3, 4] and "stray" not in metrics.read_text()
+    assert main(ppo_args(prompts, 4, "--resume")) == 0  # already there: nothing to do
+    assert iterations() == [1, 2, 3, 4]
+    assert "nothing to do" in capsys.readouterr().out
+    # A fresh run into a directory holding a run is refused and touches nothing...
+    before = metrics.read_text()
+    assert main(ppo_args(prompts, 1)) == 2
+    assert "--overwrite" in capsys.readouterr().err and metrics.read_text() == before
+    # ...unless asked to start over.
+    assert main(ppo_args(prompts, 1, "--overwrite")) == 0
+    assert iterations() == [1]
+    assert main(ppo_args(prompts, 1, "--overwrite", "--num-prompts", "5")) == 2
+    assert "--num-prompts only applies" in capsys.readouterr().err
+    assert main(ppo_args(prompts, 2, "--overwrite")) == 0  # the policy generate reads next
     capsys.readouterr()
     assert (
         main(

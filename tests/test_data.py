@@ -47,7 +47,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def stream_of(docs: list[str]) -> list[int]:
-    return [t for doc in docs for t in [*TOK.encode(doc), EOS]]
+    """The token file's layout: every document is bos + doc + eos (tokenizer.py)."""
+    return [t for doc in docs for t in [TOK.bos_id, *TOK.encode(doc), EOS]]
 
 
 def cache_files(cache: Path) -> list[str]:

@@ -9,7 +9,11 @@ import pytest
 
 from palm_rlhf import ByteTokenizer, PaLMConfig
 from palm_rlhf.config import TrainConfig
+from palm_rlhf.preferences import load_preferences
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.runs import read_metrics
 from palm_rlhf.train_lm import train_lm
+from palm_rlhf.train_reward import heldout_accuracy
 from palm_rlhf.train_state import TrainingCheckpoints
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -46,11 +50,20 @@ def test_reward_quality_reports_real_and_shuffled_accuracy(micro_lm, tmp_path, m
     run_example("reward_quality.py", *common, monkeypatch=monkeypatch)
     results = json.loads((out / "results.json").read_text())
     assert results["ranked_groups"]["train"] >= 2 and results["ranked_groups"]["heldout"] >= 1
-    for run in ("real", "shuffled"):
-        for key in ("heldout_files_accuracy", "heldout_prompts_accuracy", "train_accuracy_last"):
-            assert 0.0 <= results[run][key] <= 1.0
-    # The control trains on the same responses: only the ranks moved, within each group.
     real = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
+    assert results["ranked_groups"]["train"] == len(real)
+    # The reported figures are the saved models' real accuracies: recomputed here from the
+    # checkpoints and the held-out file (bug caught: a figure from the wrong model or set).
+    heldout = load_preferences(out / "heldout.jsonl").groups
+    assert results["ranked_groups"]["heldout"] == len(heldout)
+    for run in ("real", "shuffled"):
+        model = RewardModel.from_pretrained(out / f"rm_{run}")
+        recomputed = heldout_accuracy(model, heldout, ByteTokenizer(), model.max_row_len)
+        assert results[run]["heldout_files_accuracy"] == recomputed
+        metrics = read_metrics(out / f"rm_{run}" / "metrics.jsonl")
+        assert results[run]["heldout_prompts_accuracy"] == metrics[-1]["eval_accuracy"]
+        assert results[run]["train_accuracy_last"] == metrics[-1]["accuracy"]
+    # The control trains on the same responses: only the ranks moved, within each group.
     shuffled = [
         json.loads(line) for line in (out / "rankings_shuffled.jsonl").read_text().splitlines()
     ]

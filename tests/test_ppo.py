@@ -6,7 +6,7 @@ from conftest import tiny_model, two_process_launch
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig
-from palm_rlhf.ppo import PPOTrainer
+from palm_rlhf.ppo import PPOTrainer, accumulation_divisors
 from palm_rlhf.reward import RewardConfig, RewardModel
 
 TOK = ByteTokenizer()
@@ -97,21 +97,26 @@ def test_actor_and_critic_never_share_parameters():
 
 
 def test_no_eos_penalty_replaces_the_score():
+    # Hand-made rollout: row 0 ended with eos, row 1 ran out of tokens. With a penalty of -1 the
+    # unfinished row scores -1 whatever the reward says; with nan it keeps the reward.
     always_five = lambda prompts, responses: [5.0] * len(responses)  # noqa: E731
-    trainer = PPOTrainer(
-        policy_model(),
-        TOK,
-        PROMPTS,
-        reward_fn=always_five,
-        config=config(no_eos_penalty=-1.0, max_new_tokens=3),
-        show_progress=False,
-    )
-    prompts = PROMPTS[:16]
-    rollout, metrics, _ = trainer.rollout(prompts)
-    ended = (rollout.sequences[:, -3:] == TOK.eos_id).any(dim=1)
-    expected = torch.where(ended, torch.tensor(5.0), torch.tensor(-1.0))
-    assert torch.equal(rollout.scores.cpu(), expected)
-    # The score sits at the last real response token; nothing after it (checklist 7, 8).
+    tokens = torch.tensor([[97, TOK.eos_id, TOK.pad_id], [97, 98, 99]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    rows = [[TOK.bos_id, 97]] * 2
+    for penalty, expected in ((-1.0, [5.0, -1.0]), (float("nan"), [5.0, 5.0])):
+        trainer = PPOTrainer(
+            policy_model(),
+            TOK,
+            PROMPTS,
+            reward_fn=always_five,
+            config=config(no_eos_penalty=penalty, max_new_tokens=3),
+            show_progress=False,
+        )
+        scores = trainer.score(["a", "a"], ["a", "abc"], tokens, mask, rows)
+        assert scores.tolist() == expected
+    # In a real rollout the score sits at the last real response token and nothing after it
+    # gets an advantage (checklist 7, 8).
+    rollout, _, _ = trainer.rollout(PROMPTS[:16])
     assert (rollout.advantages[~rollout.response_mask] == 0).all()
 
 
@@ -125,6 +130,8 @@ def test_critic_starts_from_the_reward_model():
         for name, param in reward_model.named_parameters():
             if ".adapters.reward.up" in name:
                 param.normal_(0, 0.5)
+        reward_model.score_mean.fill_(5.0)
+        reward_model.score_std.fill_(2.0)
     trainer = PPOTrainer(
         policy_model(),
         TOK,
@@ -136,7 +143,11 @@ def test_critic_starts_from_the_reward_model():
     tokens = torch.randint(0, 256, (3, 9))
     with torch.no_grad():
         values = trainer.critic(tokens)  # (3, 9)
-        torch.testing.assert_close(values[:, -1], reward_model(tokens), atol=1e-5, rtol=0)
+        # PPO's rewards are normalised scores, so the critic starts out predicting those (bug:
+        # it returned the raw score, 0.38 against a reward of -2.31 in a probe).
+        normalised = reward_model(tokens, normalized=True)
+        torch.testing.assert_close(values[:, -1], normalised, atol=1e-5, rtol=0)
+        assert not torch.allclose(normalised, reward_model(tokens), atol=0.5)
     history = trainer.train(1)
     assert math.isfinite(history[0]["score_mean"])
     # The reward model itself is frozen.
@@ -226,3 +237,13 @@ def test_gradient_accumulation_takes_one_step_per_group_of_minibatches(grad_accu
     trainer.train(1)
     param = trainer.optimizer.param_groups[0]["params"][0]
     assert int(trainer.optimizer.state[param]["step"]) == steps
+
+
+@pytest.mark.parametrize(
+    "chunks, grad_accum, expected",
+    [(4, 1, [1, 1, 1, 1]), (4, 2, [2, 2, 2, 2]), (4, 3, [3, 3, 3, 1]), (5, 3, [3, 3, 3, 2, 2])],
+)
+def test_accumulation_divides_each_group_by_its_real_size(chunks, grad_accum, expected):
+    # Bug caught: the last, shorter group of an epoch was divided by grad_accum, so its step
+    # was a fraction of a full one.
+    assert accumulation_divisors(chunks, grad_accum) == expected
