@@ -1,10 +1,11 @@
 """palm_rlhf: PaLM + RLHF in PyTorch."""
 
-from .config import LoRAConfig, PaLMConfig, TrainConfig
+from .config import LoRAConfig, PaLMConfig, PPOConfig, TrainConfig
 from .generation import GenerationOutput, generate
 from .kv_cache import KVCache
 from .lora import add_lora, lora_parameters, merge_lora, remove_lora
 from .palm import PaLM, lm_loss
+from .ppo import PPOTrainer
 from .reward import RewardConfig, RewardModel, pairwise_loss, ranking_loss
 from .tokenizer import ByteTokenizer, Tokenizer, pad_sequences
 from .train_lm import train_lm
@@ -17,6 +18,8 @@ __all__ = [
     "LoRAConfig",
     "PaLM",
     "PaLMConfig",
+    "PPOConfig",
+    "PPOTrainer",
     "RewardConfig",
     "RewardModel",
     "Tokenizer",

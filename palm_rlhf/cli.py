@@ -451,7 +451,7 @@ def run_ppo(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts, args.num_prompts)
     state_dir = args.out / "ppo_state"
     if args.resume and not (state_dir / "ppo_state.json").is_file():
-        raise FileNotFoundError(f"{state_dir}: nothing to resume (no ppo_state.json)")
+        raise FileNotFoundError(f"--resume: {state_dir} holds no PPO state (ppo_state.json)")
     claim_run_dir(args.out, PPO_RUN_MARKERS, args.resume, args.overwrite)
     accelerator = make_accelerator(args)
     trainer = PPOTrainer(
@@ -462,6 +462,7 @@ def run_ppo(args: argparse.Namespace) -> None:
         config=dataclass_from_args(PPOConfig, args),
         accelerator=accelerator,
         out_dir=args.out,
+        overwrite=args.overwrite,
     )
     if args.resume:
         trainer.load(state_dir)

@@ -495,8 +495,8 @@ class PPOTrainer:
         self.iteration = int(state["iteration"])
         rank = self.accelerator.process_index
         restore_rng_states(state, self.accelerator)
-        self.generator.set_state(state["generator"][rank].contiguous())
-        self.shuffle_generator.set_state(state["shuffle"][rank].contiguous())
+        self.generator.set_state(state["generator"][rank].clone())
+        self.shuffle_generator.set_state(state["shuffle"][rank].clone())
         if self.out_dir is not None and self.accelerator.is_main_process:
             truncate_metrics(self.out_dir / METRICS_NAME, self.iteration, key="iteration")
         self._run_claimed = True  # a resumed run continues its own metrics file

@@ -109,3 +109,14 @@ def rank0_decides(flag: bool, accelerator: Accelerator) -> bool:
         return bool(flag)
     value = torch.tensor([int(bool(flag))], device=accelerator.device)
     return bool(broadcast(value, from_process=0).item())
+
+
+def finish_run(accelerator: Accelerator, owned: bool) -> None:
+    """Close the run's trackers; tear down the process group only if the loop created the
+    accelerator. A caller that passed its own keeps using it (the next stage in the same
+    processes needs the group: `end_training` would destroy it)."""
+    if owned:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()

@@ -31,7 +31,7 @@ from .config import PaLMConfig, TrainConfig
 from .generation import generate
 from .palm import IGNORE_INDEX, PaLM, lm_loss, shift_targets
 from .progress import progress_kwargs
-from .runs import append_jsonl, claim_run_dir, rank0_decides, read_metrics, start_run
+from .runs import append_jsonl, claim_run_dir, finish_run, rank0_decides, read_metrics, start_run
 from .tokenizer import ByteTokenizer, Tokenizer, encode_prompt
 from .train_state import TrainingCheckpoints
 
@@ -192,6 +192,7 @@ def train_lm(
     checkpoints first).
     """
     # step 1. processes, output folder, seeds
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
@@ -331,7 +332,7 @@ def train_lm(
         )
         if accelerator.is_main_process:
             append_jsonl(metrics_path, {"step": step, "eval_bpb": history[-1]["eval_bpb"]})
-    accelerator.end_training()
+    finish_run(accelerator, owns_accelerator)
     return history
 
 

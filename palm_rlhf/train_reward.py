@@ -54,7 +54,7 @@ from .reward import (
     rating_loss,
     rating_regression_loss,
 )
-from .runs import append_jsonl, claim_run_dir, rank0_decides, start_run
+from .runs import append_jsonl, claim_run_dir, finish_run, rank0_decides, start_run
 from .tokenizer import ByteTokenizer, Tokenizer
 from .train_lm import RUN_MARKERS, WindowSchedule, lr_at, make_optimizer
 from .train_state import TrainingCheckpoints
@@ -243,6 +243,7 @@ def train_reward(
             f"{config.seq_len}; the loop records seq_len there, leave it at 0"
         )
     reward_config = dataclasses.replace(reward_config, max_seq_len=config.seq_len)
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
@@ -372,7 +373,7 @@ def train_reward(
         if out_of_time:
             break
     bar.close()
-    accelerator.end_training()
+    finish_run(accelerator, owns_accelerator)
     return history
 
 

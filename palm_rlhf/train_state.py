@@ -116,7 +116,9 @@ def restore_rng_states(state: dict[str, Any], accelerator: Accelerator) -> None:
     checkpoint saved on CPU and resumed on a GPU has no CUDA state to restore: the run goes on
     with the device's current stream (it could not replay the CPU's draws anyway)."""
     rank = accelerator.process_index
-    torch.set_rng_state(state["rng"][rank].contiguous())
+    # clone, not a view: set_rng_state rejects a row that starts at an offset into its storage
+    # ("Invalid mt19937 state" on every rank but 0).
+    torch.set_rng_state(state["rng"][rank].clone())
     device = accelerator.device
     if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"][rank].contiguous(), device)
+        torch.cuda.set_rng_state(state["cuda_rng"][rank].clone(), device)

@@ -1,13 +1,15 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig, generate
 from palm_rlhf.cli import main
-from palm_rlhf.train_lm import read_metrics
+from palm_rlhf.runs import read_metrics
+from palm_rlhf.tokenizer import encode_prompt
 
 
 def test_help_lists_commands_and_options(capsys):
@@ -32,12 +34,30 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "generate" in result.stdout
 
 
+def greedy_text(checkpoint, prompt: str, new_tokens: int, lora_scope=None) -> str:
+    """What the CLI must print for a greedy sample: the prompt, then the model's own greedy
+    continuation of [bos] + prompt, computed here through the Python API."""
+    tok = ByteTokenizer()
+    out = generate(
+        PaLM.from_pretrained(checkpoint),
+        [encode_prompt(tok, prompt)],
+        max_new_tokens=new_tokens,
+        temperature=0,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        lora_scope=lora_scope,
+    )
+    return prompt + tok.decode(out.tokens[0][out.mask[0]])
+
+
 def test_generate_from_checkpoint(tmp_path, capsys):
     tok = ByteTokenizer()
     torch.manual_seed(0)
     model = PaLM(
         PaLMConfig(num_tokens=tok.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
     )
+    with torch.no_grad():  # sharper logits, so the greedy continuation is not all one byte
+        model.token_emb.weight.normal_(0, 1.0)
     model.save_pretrained(tmp_path / "ckpt")
     code = main(
         [
@@ -55,8 +75,11 @@ def test_generate_from_checkpoint(tmp_path, capsys):
         ]
     )
     assert code == 0
-    blocks = capsys.readouterr().out.split("-" * 40 + "\n")
-    assert blocks[0].startswith("def ") and blocks[1].startswith("x = ")
+    blocks = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")
+    # Bug caught: a CLI that printed the prompt and anything after it passed the old check.
+    assert blocks[0] == greedy_text(tmp_path / "ckpt", "def ", 8)
+    assert blocks[1] == greedy_text(tmp_path / "ckpt", "x = ", 8)
+    assert blocks[0] != "def "  # something was generated
 
 
 def test_generate_errors_are_clear(tmp_path, capsys):
@@ -141,11 +164,17 @@ def test_pretrain_then_resume_then_generate(tmp_path, capsys):
                 "line ",
                 "--max-new-tokens",
                 "5",
+                "--temperature",
+                "0",
             ]
         )
         == 0
     )
-    assert capsys.readouterr().out.startswith("line ")
+    # The run directory stands for its latest checkpoint: the step-4 model, greedy.
+    latest = tmp_path / "run" / "checkpoints" / "step_0000004"
+    printed = capsys.readouterr().out.split("\n" + "-" * 40)[0]
+    assert printed == greedy_text(latest, "line ", 5)
+    assert len(printed) > len("line ")
 
 
 def test_pretrain_bad_input_names_the_problem(tmp_path, capsys):
@@ -301,3 +330,25 @@ def test_ppo_stage_runs_alone_and_resumes(tmp_path, capsys):
     )
     assert main(ppo_args(tmp_path / "none.txt", 1)) == 2
     assert "no such prompts file" in capsys.readouterr().err
+
+
+def test_tqdm_disable_silences_the_progress_bars(tmp_path):
+    # Bug caught: every bar passed disable=False explicitly, which overrides TQDM_DISABLE.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = 1\n" * 200)
+
+    def pretrain(out, **env):
+        command = [
+            sys.executable, "-m", "palm_rlhf.cli", "pretrain", "--data", str(corpus),
+            "--out", str(tmp_path / out), "--dim", "16", "--depth", "1", "--heads", "2",
+            "--dim-head", "8", "--max-seq-len", "32", "--seq-len", "16", "--batch-size", "2",
+            "--steps", "2", "--eval-every", "0", "--sample-every", "0", "--cpu",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, env={**os.environ, **env}
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert "pretrain: 100%" in pretrain("shown")
+    assert "pretrain:" not in pretrain("silent", TQDM_DISABLE="1")

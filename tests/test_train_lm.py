@@ -239,3 +239,46 @@ def test_bf16_autocast_trains(corpus, tmp_path, fresh_accelerate_state):
     # Weights stay float32 (autocast only changes the compute dtype).
     model = PaLM.from_pretrained(TrainingCheckpoints(tmp_path / "bf16" / "checkpoints").latest())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_run_directory_is_never_clobbered(corpus, tmp_path):
+    # Bug caught: a second fresh run into the same --out silently truncated the first run's
+    # metrics.jsonl and mixed its checkpoints with the new ones.
+    out = tmp_path / "run"
+    train_lm(tiny_model_config(), quick_config(corpus, steps=2), out, show_progress=False)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train_lm(tiny_model_config(), quick_config(corpus, steps=2), out, show_progress=False)
+    assert (out / "metrics.jsonl").read_text() == before
+    (out / "notes.txt").write_text("mine")
+    history = train_lm(
+        tiny_model_config(), quick_config(corpus, steps=1), out, show_progress=False, overwrite=True
+    )
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m] == [1]
+    assert [h["step"] for h in history] == [1]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
+    with pytest.raises(ValueError, match="not both"):
+        train_lm(
+            tiny_model_config(), quick_config(corpus, steps=1), out, resume=True, overwrite=True
+        )
+
+
+def test_sft_resume_needs_no_repeated_architecture(corpus, tmp_path):
+    # Bug caught: with --init, --resume compared the checkpoint against the default preset and
+    # refused unless the init model's architecture was repeated by hand.
+    train_lm(tiny_model_config(), quick_config(corpus, steps=2), tmp_path / "base",
+             show_progress=False)  # fmt: skip
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n"
+                             for i in range(20)))  # fmt: skip
+    init = tmp_path / "base"
+    config = quick_config(pairs, steps=2, checkpoint_every=2)
+    train_lm(None, config, tmp_path / "sft", init_checkpoint=init, sft=True, show_progress=False)
+    longer = quick_config(pairs, steps=4, checkpoint_every=2)
+    history = train_lm(
+        None, longer, tmp_path / "sft", init_checkpoint=init, sft=True, resume=True,
+        show_progress=False,
+    )  # fmt: skip
+    assert [h["step"] for h in history if "loss" in h][-1] == 4
+    with pytest.raises(ValueError, match="architecture comes from the init checkpoint"):
+        train_lm(tiny_model_config(dim=64), config, tmp_path / "x", init_checkpoint=init, sft=True)

@@ -168,3 +168,21 @@ def test_normalization_reference_is_an_evenly_spaced_subset(trunk):
     # groups 0, 4, 8, ... 36: their two completions each, in order
     expected = every.view(40, 2)[::4].reshape(-1)
     torch.testing.assert_close(subset, expected)
+
+
+def test_heldout_split_covers_ratings_too(tmp_path):
+    # Bug caught: every rating record trained, including ratings of prompts whose comparison
+    # groups were held out, which leaked held-out prompts into training.
+    from palm_rlhf.preferences import PreferenceData, PreferenceGroup, RatedExample
+    from palm_rlhf.train_reward import split_preferences
+
+    prompts = [f"prompt {i}" for i in range(200)]
+    data = PreferenceData(
+        [PreferenceGroup(p, ["a", "b"], [0, 1]) for p in prompts],
+        [RatedExample(p, "a", 1) for p in prompts],
+    )
+    train, heldout, train_ratings = split_preferences(data, 0.2, seed=0)
+    held = {g.prompt for g in heldout}
+    assert held and train
+    assert not held & {r.prompt for r in train_ratings}
+    assert {r.prompt for r in train_ratings} == {g.prompt for g in train}
