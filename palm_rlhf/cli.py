@@ -452,8 +452,15 @@ def run_ppo(args: argparse.Namespace) -> None:
     state_dir = args.out / "ppo_state"
     if args.resume and not (state_dir / "ppo_state.json").is_file():
         raise FileNotFoundError(f"--resume: {state_dir} holds no PPO state (ppo_state.json)")
-    claim_run_dir(args.out, PPO_RUN_MARKERS, args.resume, args.overwrite)
     accelerator = make_accelerator(args)
+    claim_run_dir(
+        args.out,
+        PPO_RUN_MARKERS,
+        args.resume,
+        args.overwrite,
+        accelerator,
+        inputs=(args.policy, args.reward),
+    )
     trainer = PPOTrainer(
         PaLM.from_pretrained(args.policy),
         ByteTokenizer(),

@@ -54,7 +54,7 @@ from .checkpoint import (
 )
 from .config import LoRAConfig, PPOConfig
 from .generation import generate
-from .lora import lora_parameters, merge_lora
+from .lora import lora_parameters, merge_lora, remove_lora
 from .palm import PaLM
 from .preferences import encode_reward_rows
 from .progress import progress_kwargs
@@ -167,13 +167,19 @@ class PPOTrainer:
         # Critic: from the reward model where there is one, else on the policy's frozen base.
         if reward_model is not None:
             trunk = copy.deepcopy(reward_model.trunk)
+            # The critic computes what the reward model computes: its own scope folded in,
+            # any other scope the trunk carries (never applied by the reward model) dropped.
             for scope in list(trunk.lora_configs):
-                merge_lora(trunk, scope)
+                if scope == reward_model.lora_scope:
+                    merge_lora(trunk, scope)
+                else:
+                    remove_lora(trunk, scope)
             head = normalized_head(reward_model)
             reward_model.eval().requires_grad_(False)
         else:
             trunk = copy.deepcopy(policy) if config.full_finetune else policy
-            head = nn.Linear(policy.config.dim, 1, device=device)
+            weight = policy.token_emb.weight
+            head = nn.Linear(policy.config.dim, 1, device=device, dtype=weight.dtype)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         if trunk is not policy:
@@ -402,10 +408,19 @@ class PPOTrainer:
         logged, and the KL the adaptive controller sees, describe the whole batch."""
         if self.accelerator.num_processes == 1:
             return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist(), strict=True))
+        out = {}
+        # A worst case stays a worst case: "_max_" metrics take the maximum over processes.
+        for reduction in ("mean", "max"):
+            keys = sorted(k for k in metrics if ("_max_" in k) == (reduction == "max"))
+            if not keys:
+                continue
+            values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
+            if reduction == "mean":
+                values = self.accelerator.reduce(values, reduction="mean")
+            else:
+                values = self.accelerator.gather(values[None]).amax(dim=0)
+            out.update(zip(keys, values.tolist(), strict=True))
+        return out
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -481,6 +496,11 @@ class PPOTrainer:
             read_json(directory / "ppo_state.json"),
             load_safetensors(directory / "ppo_state.safetensors"),
         )
+        if "shuffle" not in state:
+            raise ValueError(
+                f"{directory}: saved by an older palm_rlhf without per-process RNG states; "
+                "it cannot be resumed exactly, start a new run"
+            )
         saved_world = state.get("num_processes", 1)
         if saved_world != self.accelerator.num_processes:
             raise ValueError(
@@ -494,6 +514,11 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl"])
         self.iteration = int(state["iteration"])
         rank = self.accelerator.process_index
+        if state["generator"][rank].numel() != self.generator.get_state().numel():
+            raise ValueError(
+                f"{directory}: its sampling generator was saved on another kind of device "
+                f"(this run samples on {self.generator.device}); exact resume needs the same"
+            )
         restore_rng_states(state, self.accelerator)
         self.generator.set_state(state["generator"][rank].clone())
         self.shuffle_generator.set_state(state["shuffle"][rank].clone())

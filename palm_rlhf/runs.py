@@ -34,19 +34,31 @@ def claim_run_dir(
     resume: bool,
     overwrite: bool,
     accelerator: Accelerator | None = None,
+    inputs: Iterable[str | Path] = (),
 ) -> None:
     """Refuse a fresh run into a directory that holds a run (any of `markers`, relative paths
     such as "metrics.jsonl" or "checkpoints"), unless resuming; with overwrite, delete those
-    markers first (only them: other files in the directory are the user's).
+    markers first (only them: other files in the directory are the user's), but never one that
+    holds an input of the run (`inputs`, e.g. the checkpoint it starts from).
 
-    Called before anything is written. Only the main process deletes; every process raises.
+    Called before anything is written, on every process (a collective when an accelerator is
+    given): all ranks look before the main process deletes, so they all take the same branch.
     """
     if resume and overwrite:
         raise ValueError("give --resume or --overwrite, not both")
     out_dir = Path(out_dir)
     found = [name for name in markers if (out_dir / name).exists()]
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     if not found or resume:
         return
+    for source in inputs:
+        for name in found:
+            if Path(source).resolve().is_relative_to((out_dir / name).resolve()):
+                raise ValueError(
+                    f"--overwrite would delete {out_dir / name}, which holds this run's input "
+                    f"{source}; copy it elsewhere first"
+                )
     if not overwrite:
         raise ValueError(
             f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "

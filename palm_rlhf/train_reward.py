@@ -182,7 +182,11 @@ def evaluate_accuracy(
     """`heldout_accuracy` inside the loop: each process scores its share of the groups (the
     model may be DDP-wrapped) and the counts are summed over processes."""
     mine = groups[accelerator.process_index :: accelerator.num_processes]
-    counts = accuracy_counts(model, mine, tokenizer, seq_len, batch_size, accelerator.device)
+    # The unwrapped model: a DDP forward is a collective (it syncs buffers), and a rank with no
+    # held-out group left would skip it while the others wait.
+    counts = accuracy_counts(
+        accelerator.unwrap_model(model), mine, tokenizer, seq_len, batch_size, accelerator.device
+    )
     summed = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum")
     model.train()
     return summed[0].item() / max(1, summed[1].item())
@@ -380,14 +384,12 @@ def train_reward(
 def split_preferences(
     prefs: PreferenceData, heldout_fraction: float, seed: int
 ) -> tuple[list[PreferenceGroup], list[PreferenceGroup], list]:
-    """(train groups, held-out groups, train ratings): one split by prompt over groups and
-    ratings together, so a held-out prompt trains nothing, not even through its ratings."""
-    items = [*prefs.groups, *prefs.ratings]
-    if len({item.prompt for item in items}) < 2:
+    """(train groups, held-out groups, train ratings). Groups are split by prompt (both sides
+    non-empty with two or more prompts); the ratings of a held-out prompt are held out too, so
+    it trains nothing. Prompts that only have ratings all train: nothing evaluates them."""
+    if len(prefs.groups) < 2:
         return list(prefs.groups), [], list(prefs.ratings)
-    train, heldout = split_groups(items, heldout_fraction, seed)
-    held_prompts = {item.prompt for item in heldout}
-    train_groups = [g for g in prefs.groups if g.prompt not in held_prompts]
-    heldout_groups = [g for g in prefs.groups if g.prompt in held_prompts]
+    train_groups, heldout_groups = split_groups(prefs.groups, heldout_fraction, seed)
+    held_prompts = {group.prompt for group in heldout_groups}
     train_ratings = [r for r in prefs.ratings if r.prompt not in held_prompts]
     return train_groups, heldout_groups, train_ratings

@@ -25,7 +25,7 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     # from the wrong model, split or seed, or counts that disagree with the files).
     rankings = (out / "rankings.jsonl").read_text().splitlines()
     assert summary["ranked_groups"] == len(rankings) >= 2
-    prompts = stdlib_prompts(settings.heldout_prompts, "heldout", 1)
+    prompts = stdlib_prompts(settings.eval_prompts, "heldout", 1)
     base = PaLM.from_pretrained(TrainingCheckpoints(out / "pretrain" / "checkpoints").latest())
     before, _ = rule_eval(base, tok, prompts, settings.response_tokens, None, 1 + 2)
     assert summary["rule_score_before"] == before

@@ -225,3 +225,37 @@ def test_accumulation_divides_each_group_by_its_real_size(chunks, grad_accum, ex
     # Bug caught: the last, shorter group of an epoch was divided by grad_accum, so its step
     # was a fraction of a full one.
     assert accumulation_divisors(chunks, grad_accum) == expected
+
+
+def test_critic_ignores_adapter_scopes_the_reward_model_never_applies():
+    # A reward model trained on a trunk that still carries a policy's "actor" adapter: the
+    # reward model never applies it, so neither may the critic (bug: every scope was merged).
+    torch.manual_seed(2)
+    trunk = PaLM(
+        PaLMConfig(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    )
+    trunk.add_lora("actor", freeze_base=False)
+    reward_model = RewardModel(trunk, RewardConfig(lora_rank=2))
+    with torch.no_grad():
+        for name, param in reward_model.named_parameters():
+            if ".adapters." in name and ".up" in name:
+                param.normal_(0, 0.5)
+    trainer = PPOTrainer(
+        policy_model(), TOK, PROMPTS, reward_model=reward_model, config=config(),
+        show_progress=False,
+    )  # fmt: skip
+    tokens = torch.randint(0, 256, (3, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trainer.critic(tokens)[:, -1], reward_model(tokens, normalized=True), atol=1e-5, rtol=0
+        )
+
+
+def test_a_bf16_policy_trains_with_a_reward_function():
+    # Bug caught: the fresh value head was float32 while the trunk's hidden states were bf16.
+    policy = policy_model().to(dtype=torch.bfloat16)
+    trainer = PPOTrainer(
+        policy, TOK, PROMPTS, reward_fn=even_bytes, config=config(), show_progress=False
+    )
+    metrics = trainer.train(1)[0]
+    assert math.isfinite(metrics["value_loss"]) and math.isfinite(metrics["policy_loss"])

@@ -282,3 +282,16 @@ def test_sft_resume_needs_no_repeated_architecture(corpus, tmp_path):
     assert [h["step"] for h in history if "loss" in h][-1] == 4
     with pytest.raises(ValueError, match="architecture comes from the init checkpoint"):
         train_lm(tiny_model_config(dim=64), config, tmp_path / "x", init_checkpoint=init, sft=True)
+
+
+def test_overwrite_never_deletes_the_runs_own_input(tmp_path):
+    from palm_rlhf.runs import claim_run_dir
+
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    (out / "policy" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds this run's input"):
+        claim_run_dir(out, ["policy"], False, True, inputs=[out / "policy"])
+    assert (out / "policy" / "config.json").exists()
+    claim_run_dir(out, ["policy"], False, True, inputs=[tmp_path / "elsewhere"])
+    assert not (out / "policy").exists()
