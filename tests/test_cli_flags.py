@@ -59,6 +59,9 @@ class FakeAccelerator:
     is_main_process, num_processes, process_index = True, 1, 0
     device = torch.device("cpu")
 
+    def wait_for_everyone(self):
+        pass
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
