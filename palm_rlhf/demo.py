@@ -212,9 +212,8 @@ def run_demo(
         heldout_fraction=0.1,
         show_progress=show_progress,
     )
-    reward_model = RewardModel.from_pretrained(
-        TrainingCheckpoints(out / "reward" / "checkpoints").latest()
-    )
+    reward_dir = TrainingCheckpoints(out / "reward" / "checkpoints").latest()
+    reward_model = RewardModel.from_pretrained(reward_dir)
     rm_accuracy = (
         heldout_accuracy(reward_model, heldout_groups, tok, reward_model.max_row_len)
         if heldout_groups
@@ -276,6 +275,17 @@ def run_demo(
         "rule_eval_prompts": len(eval_prompts),
         "heldout_kl_to_reference": heldout_metrics["kl_ref"],
         "heldout_reward_score_after": heldout_metrics["score_mean"],
+        # Steps each stage ran: fewer than asked means its time budget stopped it.
+        "steps_run": {
+            "pretrain": int(base_dir.name.removeprefix("step_")),
+            "reward": int(reward_dir.name.removeprefix("step_")),
+            "ppo": len(ppo_history),
+        },
+        "steps_asked": {
+            "pretrain": settings.pretrain_steps,
+            "reward": settings.reward_steps,
+            "ppo": settings.ppo_iterations,
+        },
         "ppo_iterations": len(ppo_history),
         "ppo_curves_png": curves["png"],
         "ppo_curves_csv": curves["csv"],

@@ -38,6 +38,12 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     metrics = [json.loads(line) for line in (out / "ppo_metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == list(range(1, settings.ppo_iterations + 1))
     assert summary["ppo_iterations"] == len(metrics)
+    # No budgets in the smoke preset: every stage ran the steps it was asked for.
+    assert summary["steps_run"] == summary["steps_asked"] == {
+        "pretrain": settings.pretrain_steps,
+        "reward": settings.reward_steps,
+        "ppo": settings.ppo_iterations,
+    }
     with open(out / "ppo_curves.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["kl_ref"]) for r in rows] == [m["kl_ref"] for m in metrics]
