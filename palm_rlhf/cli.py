@@ -504,7 +504,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the whole RLHF pipeline on the built-in corpus",
         description="Pretrain a tiny PaLM on the stdlib corpus, rank its samples with a "
         "simulated labeler, train a reward model on the rankings, run PPO against it, and "
-        "report before/after figures on held-out prompts (about 15 minutes on 2 CPU cores; "
+        "report before/after figures on held-out prompts (about 13 minutes on 2 CPU cores; "
         "--smoke takes seconds).",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")

@@ -56,8 +56,8 @@ DEMO_RUN_MARKERS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of each stage; `full` takes about 13 minutes on 2 CPU cores (at most 15: each
-    stage has a time budget)."""
+    """Sizes of each stage; `full` took 12.3-13.0 minutes on a 2-core AMD EPYC (3 seeds), at
+    most 15 on a slower machine: each stage has a time budget."""
 
     pretrain_steps: int
     label_prompts: int
@@ -80,20 +80,21 @@ class DemoSettings:
 
 SETTINGS = {
     "full": DemoSettings(
-        pretrain_steps=450,
-        label_prompts=800,
+        pretrain_steps=360,
+        label_prompts=640,
         heldout_prompts=128,
         eval_prompts=512,
         responses_per_prompt=4,
         response_tokens=48,
-        reward_steps=150,
-        ppo_iterations=40,
+        reward_steps=110,
+        ppo_iterations=32,
         model_overrides={},
-        # About 310 s, 200 s and 185 s on the 2-core Xeon; the budgets keep a slower machine
-        # within 15 minutes.
-        pretrain_budget_s=380.0,
-        reward_budget_s=230.0,
-        ppo_budget_s=200.0,
+        # On the 2-core AMD EPYC these steps take about 320 s, 180 s and 165 s; the budgets
+        # stop a slower machine early, within 15 minutes in all (summary.json's steps_run
+        # says whether they did).
+        pretrain_budget_s=360.0,
+        reward_budget_s=200.0,
+        ppo_budget_s=185.0,
     ),
     "smoke": DemoSettings(
         pretrain_steps=40,
