@@ -14,7 +14,9 @@ import torch
 
 from .config import PRESETS, PaLMConfig, TrainConfig, field_docs, preset_config
 from .generation import generate
+from .label.cli import add_label_parser, add_sample_parser
 from .palm import PaLM
+from .preferences import AGGREGATE_CHOICES
 from .tokenizer import ByteTokenizer, encode_prompt
 
 
@@ -286,6 +288,13 @@ def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.1,
         help="share of prompts held out for eval_accuracy",
     )
+    parser.add_argument(
+        "--aggregate",
+        choices=AGGREGATE_CHOICES,
+        default="none",
+        help="rankings log with several labelers per task: train every labeler's row (none) "
+        "or one merged ranking per task (borda, ranked_pairs) [none]",
+    )
     parser.add_argument("--log-with", default=None, help="accelerate tracker")
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
     add_dataclass_options(parser, TrainConfig, "training (TrainConfig)", skip=NOT_FOR_REWARD)
@@ -313,6 +322,7 @@ def run_reward(args: argparse.Namespace) -> None:
         args.out,
         resume=args.resume,
         heldout_fraction=args.heldout_fraction,
+        aggregate=args.aggregate,
         accelerator=accelerator,
         log_with=args.log_with,
         overwrite=args.overwrite,
@@ -381,7 +391,8 @@ def add_ppo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--prompts",
         default="stdlib",
-        help="'stdlib' (source snippets) or a text file with one prompt per line",
+        help="'stdlib' (source snippets), a text file with one prompt per line, or a .jsonl "
+        'file of {"prompt": ...} rows (a prompt may span lines there)',
     )
     parser.add_argument(
         "--num-prompts",
@@ -418,20 +429,10 @@ PPO_RUN_MARKERS = ("ppo_metrics.jsonl", "ppo_state", "policy", "ppo_curves.csv",
 
 
 def read_prompts(spec: str, num_prompts: int | None) -> list[str]:
-    """--prompts: 'stdlib' (num_prompts snippets) or a file with one prompt per line."""
-    from .labeler import stdlib_prompts
+    """--prompts: 'stdlib', a text file (one prompt per line) or JSONL ({"prompt": ...})."""
+    from .prompts import read_prompts as read_prompt_records
 
-    if spec == "stdlib":
-        return stdlib_prompts(600 if num_prompts is None else num_prompts, "train")
-    if num_prompts is not None:
-        raise ValueError("--num-prompts only applies to --prompts stdlib; a file gives its own")
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file")
-    prompts = [line for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (every line is empty)")
-    return prompts
+    return [record.prompt for record in read_prompt_records(spec, num_prompts)]
 
 
 def run_ppo(args: argparse.Namespace) -> None:
@@ -515,14 +516,50 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run again into an --out that holds an earlier demo (its runs are deleted)",
     )
+    human = parser.add_argument_group("people instead of the simulated labeler")
+    human.add_argument(
+        "--human",
+        action="store_true",
+        help="pause at the labeling stage and serve the ranking page; continue when a labeler "
+        "presses 'Done labeling' (or --label-target rankings are in)",
+    )
+    human.add_argument("--label-host", default=None, help="interface to serve on [127.0.0.1]")
+    human.add_argument("--label-port", type=int, default=None, help="port [8765]")
+    human.add_argument(
+        "--label-target", type=int, default=None, help="continue after this many rankings"
+    )
     parser.set_defaults(run=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
     from .demo import print_summary, run_demo
+    from .label.human import HumanLabeling
 
+    given = [
+        flag
+        for flag, value in (
+            ("--label-host", args.label_host),
+            ("--label-port", args.label_port),
+            ("--label-target", args.label_target),
+        )
+        if value is not None
+    ]
+    if given and not args.human:
+        raise ValueError(f"{', '.join(given)} only apply with --human")
+    human = None
+    if args.human:
+        defaults = HumanLabeling()
+        human = HumanLabeling(
+            host=args.label_host or defaults.host,
+            port=defaults.port if args.label_port is None else args.label_port,
+            target=args.label_target,
+        )
     summary = run_demo(
-        args.out, "smoke" if args.smoke else "full", args.seed, overwrite=args.overwrite
+        args.out,
+        "smoke" if args.smoke else "full",
+        args.seed,
+        overwrite=args.overwrite,
+        human=human,
     )
     print_summary(summary)
 
@@ -537,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(subparsers)
     add_ppo_parser(subparsers)
     add_demo_parser(subparsers)
+    add_sample_parser(subparsers)
+    add_label_parser(subparsers)
     return parser
 
 

@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import write_bytes_atomic
 from .config import PPOConfig, TrainConfig, preset_config
+from .label.human import HumanLabeling, rank_by_people
 from .labeler import (
     label_samples,
     rule_score,
@@ -47,6 +48,7 @@ DEMO_RUN_MARKERS = (
     "reward",
     "policy",
     "rankings.jsonl",
+    "tasks.jsonl",
     "ppo_metrics.jsonl",
     "ppo_curves.csv",
     "ppo_curves.png",
@@ -133,7 +135,10 @@ def run_demo(
     seed: int = 0,
     show_progress: bool = True,
     overwrite: bool = False,
+    human: HumanLabeling | None = None,
 ) -> dict[str, Any]:
+    """Run the pipeline into out_dir and return the summary (also in summary.json). With
+    `human`, people rank the samples on the ranking page instead of the simulated labeler."""
     if preset not in SETTINGS:
         raise ValueError(f"unknown demo preset {preset!r}; choose from {sorted(SETTINGS)}")
     settings, out, tok = SETTINGS[preset], Path(out_dir), ByteTokenizer()
@@ -178,14 +183,19 @@ def run_demo(
     eval_prompts = stdlib_prompts(settings.eval_prompts, "heldout", seed)
     heldout_prompts = eval_prompts[: settings.heldout_prompts]
     k, new = settings.responses_per_prompt, settings.response_tokens
-    groups = label_samples(policy, tok, train_prompts, k, new, seed=seed)
+    if human is None:
+        groups = label_samples(policy, tok, train_prompts, k, new, seed=seed)
+        write_rankings(groups, out / "rankings.jsonl")
+    else:
+        groups = rank_by_people(policy, tok, train_prompts, k, new, seed, out, human)
+    # Held-out accuracy is measured against the rule either way: with people ranking, it says
+    # how far their preferences and the rule (the demo's yardstick) agree.
     heldout_groups = label_samples(policy, tok, heldout_prompts, k, new, seed=seed + 1)
     if len(groups) < 2:
         raise ValueError(
-            f"the labeler found preferences in only {len(groups)} of "
-            f"{len(train_prompts)} prompts; pretrain longer (all samples tie)"
+            f"only {len(groups)} rankings of {len(train_prompts)} prompts order anything; "
+            + ("rank more" if human else "pretrain longer (all samples tie)")
         )
-    write_rankings(groups, out / "rankings.jsonl")
     timings["label_s"] = time.perf_counter() - began - sum(timings.values())
 
     # step 3. reward model, trained on the rankings only
@@ -269,6 +279,7 @@ def run_demo(
         "preset": preset,
         "pretrain_eval_bpb": history[-1].get("eval_bpb"),
         "ranked_groups": len(groups),
+        "labeler": "people (ranking page)" if human else "simulated (labeler.py rule)",
         "reward_model_heldout_accuracy": rm_accuracy,
         "rule_score_before": before_score,
         "rule_score_after": after_score,

@@ -27,11 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import write_bytes_atomic
 from .generation import generate
 from .palm import PaLM
 from .preferences import PreferenceGroup
+from .progress import progress_kwargs
 from .tokenizer import Tokenizer, encode_prompt
 
 CONTINUATIONS = {
@@ -105,16 +107,20 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 64,
     lora_scope: str | None = None,
+    show_progress: bool = False,
+    top_p: float | None = None,
 ) -> list[tuple[str, bool]]:
     """One sampled completion per prompt: (text, finished), finished = it ended with eos."""
     completions: list[tuple[str, bool]] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="sample", unit="batch", **progress_kwargs(show_progress)):
         batch = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         out = generate(
             policy,
             batch,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            top_p=top_p,
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             seed=seed + start,

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,31 +69,126 @@ class PreferenceData:
 
     groups: list[PreferenceGroup]
     ratings: list[RatedExample]
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Valid records that carry no ordering, so train nothing, by reason: `not_rankable`,
+    `all_tied`, `retracted` (undone on the ranking page)."""
+
+
+AGGREGATE_CHOICES = ("none", "borda", "ranked_pairs")
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def load_preferences(path: str | Path) -> PreferenceData:
-    """Read a JSONL (or .jsonl.gz) preference file; see the module docstring for formats."""
+def load_preferences(path: str | Path, aggregate: str = "none") -> PreferenceData:
+    """Read a JSONL (or .jsonl.gz) preference file; see the module docstring for formats.
+
+    Rows of a rankings log (`label.log`) are read as written: a retraction drops the ranking it
+    names, not-rankable and all-tied rankings are counted in `skipped`. Every labeler's ranking
+    of a task trains, unless `aggregate` ('borda' or 'ranked_pairs') merges the rankings that
+    share a `task_id` into one.
+    """
+    if aggregate not in AGGREGATE_CHOICES:
+        raise ValueError(f"aggregate must be one of {AGGREGATE_CHOICES}, got {aggregate!r}")
     path = Path(path)
-    text = _decode_utf8(path, _read_bytes(path))
+    data = _read_bytes(path)
+    text = _decode_utf8(path, data)
+    records = list(_parse_jsonl_reporting_torn_tail(path, text))
+    retracted = _retracted_ids(path, records)
     groups: list[PreferenceGroup] = []
+    task_of: list[str | None] = []  # per group, for aggregation
     ratings: list[RatedExample] = []
-    for lineno, obj in _parse_jsonl(path, text):
+    skipped: Counter[str] = Counter()
+    for lineno, obj in records:
+        if "retracts" in obj:
+            continue
+        if obj.get("submission_id") in retracted:
+            skipped["retracted"] += 1
+            continue
         kind = _detect(f"{path}:{lineno}", obj)
         if kind == "rating":
             ratings.append(_read_rating(path, lineno, obj))
-        elif kind == "pair":
+            continue
+        if kind == "pair":
             prompt, chosen, rejected = (
                 _string_field(path, lineno, obj, f) for f in ("prompt", "chosen", "rejected")
             )
-            groups.append(PreferenceGroup(prompt, [chosen, rejected], [0, 1]))
+            group: PreferenceGroup | str = PreferenceGroup(prompt, [chosen, rejected], [0, 1])
         else:
-            groups.append(_read_ranking(path, lineno, obj))
-    if not groups and not ratings:
+            group = _read_ranking(path, lineno, obj)
+        if isinstance(group, str):
+            skipped[group] += 1
+            continue
+        groups.append(group)
+        task_of.append(obj.get("task_id") if isinstance(obj.get("task_id"), str) else None)
+    if aggregate != "none":
+        groups = _aggregate(path, groups, task_of, aggregate, skipped)
+    if not groups and not ratings and not skipped:
         raise ValueError(f"{path}: no preference records (empty file)")
-    return PreferenceData(groups, ratings)
+    return PreferenceData(groups, ratings, dict(skipped))
+
+
+def _parse_jsonl_reporting_torn_tail(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        yield from _parse_jsonl(path, text)
+    except ValueError as error:
+        last = len(text.splitlines())
+        if text and not text.endswith("\n") and f"{path}:{last}:" in str(error):
+            raise ValueError(
+                f"{error}; it is the last line and has no newline: a torn write from a crash. "
+                "Opening the log with `palm-rlhf label` moves it aside"
+            ) from None
+        raise
+
+
+def _retracted_ids(path: Path, records: list[tuple[int, dict[str, Any]]]) -> set[str]:
+    seen: set[str] = set()
+    retracted: set[str] = set()
+    for lineno, obj in records:
+        if "retracts" in obj:
+            target = obj["retracts"]
+            if not isinstance(target, str) or target not in seen:
+                raise ValueError(
+                    f"{path}:{lineno}: retracts {target!r}, which no earlier row's "
+                    "submission_id names"
+                )
+            retracted.add(target)
+        if isinstance(obj.get("submission_id"), str):
+            seen.add(obj["submission_id"])
+    return retracted
+
+
+def _aggregate(
+    path: Path,
+    groups: list[PreferenceGroup],
+    task_of: list[str | None],
+    how: str,
+    skipped: Counter[str],
+) -> list[PreferenceGroup]:
+    """One group per task_id (rows without one pass through), at its first row's position."""
+    from .label.stats import AGGREGATES
+
+    members: dict[str, list[PreferenceGroup]] = {}
+    for group, task in zip(groups, task_of, strict=True):
+        if task is not None:
+            members.setdefault(task, []).append(group)
+    merged, done = [], set()
+    for group, task in zip(groups, task_of, strict=True):
+        if task is None:
+            merged.append(group)
+            continue
+        if task in done:
+            continue
+        done.add(task)
+        rows = members[task]
+        if any(r.prompt != group.prompt or r.responses != group.responses for r in rows):
+            raise ValueError(f"{path}: task {task!r} has rows with different prompts or responses")
+        ranks = AGGREGATES[how]([r.ranks for r in rows])
+        if len(set(ranks)) < 2:
+            skipped["all_tied"] += 1
+            continue
+        merged.append(PreferenceGroup(group.prompt, group.responses, ranks))
+    return merged
 
 
 def _detect(where: str, obj: dict[str, Any]) -> str:
@@ -119,12 +215,13 @@ def _read_rating(path: Path, lineno: int, obj: dict[str, Any]) -> RatedExample:
     return RatedExample(prompt, response, rating)
 
 
-def _read_ranking(path: Path, lineno: int, obj: dict[str, Any]) -> PreferenceGroup:
+def _read_ranking(path: Path, lineno: int, obj: dict[str, Any]) -> PreferenceGroup | str:
+    """The group, or why a valid record trains nothing ('not_rankable', 'all_tied')."""
     where = f"{path}:{lineno}"
     prompt = _string_field(path, lineno, obj, "prompt")
-    for field in ("responses", "ranking"):
-        if field not in obj:
-            raise ValueError(f"{where}: missing field {field!r} (has {sorted(obj)})")
+    for field_name in ("responses", "ranking"):
+        if field_name not in obj:
+            raise ValueError(f"{where}: missing field {field_name!r} (has {sorted(obj)})")
     responses = obj["responses"]
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
         raise ValueError(f"{where}: field 'responses' must be a list of strings")
@@ -132,13 +229,20 @@ def _read_ranking(path: Path, lineno: int, obj: dict[str, Any]) -> PreferenceGro
         raise ValueError(
             f"{where}: field 'responses' must hold K >= 2 responses, got {len(responses)}"
         )
-    return PreferenceGroup(
-        prompt, responses, _ranks_from_ranking(where, obj["ranking"], len(responses))
-    )
+    not_rankable = obj.get("not_rankable", False)
+    if not isinstance(not_rankable, bool):
+        raise ValueError(f"{where}: field 'not_rankable' must be true or false")
+    if not_rankable:
+        if obj["ranking"] not in ([], None):
+            raise ValueError(f"{where}: a not_rankable record carries no ranking (use [])")
+        return "not_rankable"
+    ranks = parse_ranking(where, obj["ranking"], len(responses))
+    return PreferenceGroup(prompt, responses, ranks) if len(set(ranks)) > 1 else "all_tied"
 
 
-def _ranks_from_ranking(where: str, ranking: Any, k: int) -> list[int]:
-    """[[0, 2], 1] -> ranks [0, 1, 0]: each response's tier; every index exactly once."""
+def parse_ranking(where: str, ranking: Any, k: int) -> list[int]:
+    """[[0, 2], 1] -> ranks [0, 1, 0]: each response's tier; every index exactly once (one
+    tier holding all of them is valid: an all-tied ranking). Errors start with `where`."""
     if not isinstance(ranking, list) or not ranking:
         raise ValueError(
             f"{where}: field 'ranking' must be a non-empty list of response indices, best "
@@ -168,8 +272,6 @@ def _ranks_from_ranking(where: str, ranking: Any, k: int) -> list[int]:
             f"{where}: field 'ranking' must list every response index 0..{k - 1} exactly once; "
             f"missing {missing}"
         )
-    if len(ranking) < 2:
-        raise ValueError(f"{where}: field 'ranking': all responses tie, nothing to compare")
     return [int(rank) for rank in ranks]  # type: ignore[arg-type]
 
 

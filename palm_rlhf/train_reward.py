@@ -224,6 +224,7 @@ def train_reward(
     out_dir: str | Path = "runs/reward",
     resume: bool = False,
     heldout_fraction: float = 0.1,
+    aggregate: str = "none",
     accelerator: Accelerator | None = None,
     tokenizer: Tokenizer | None = None,
     log_with: str | list[str] | None = None,
@@ -233,7 +234,8 @@ def train_reward(
     """Train a reward model from a PaLM checkpoint `init` on preference data; return the logged
     metrics (also in out_dir/metrics.jsonl: step, loss, accuracy, lr, tokens_per_s,
     eval_accuracy when evaluated). A fresh run into an out_dir holding a run is refused unless
-    resume or overwrite."""
+    resume or overwrite. `aggregate` merges several labelers' rankings of one task (see
+    `load_preferences`)."""
     # step 1. processes, seeds, output, options
     unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
     if unused:
@@ -258,12 +260,18 @@ def train_reward(
     torch.manual_seed(config.seed)
 
     # step 2. data: split by prompt (groups and ratings together) into train / held-out
-    prefs = data if isinstance(data, PreferenceData) else load_preferences(data)
+    prefs = data if isinstance(data, PreferenceData) else load_preferences(data, aggregate)
+    skipped = ", ".join(f"{count} {why.replace('_', ' ')}" for why, count in prefs.skipped.items())
+    if skipped and accelerator.is_main_process:
+        print(f"{data}: skipped records that carry no ordering: {skipped}", flush=True)
     train_groups, heldout_groups, train_ratings = split_preferences(
         prefs, heldout_fraction, config.seed
     )
     if not train_groups and not train_ratings:
-        raise ValueError(f"{data}: no preference groups or ratings to train on")
+        raise ValueError(
+            f"{data}: no preference groups or ratings to train on"
+            + (f" (skipped: {skipped})" if skipped else "")
+        )
     group_schedule = WindowSchedule(len(train_groups), config.seed) if train_groups else None
     rating_schedule = WindowSchedule(len(train_ratings), config.seed + 1) if train_ratings else None
 

@@ -39,11 +39,15 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     assert [m["iteration"] for m in metrics] == list(range(1, settings.ppo_iterations + 1))
     assert summary["ppo_iterations"] == len(metrics)
     # No budgets in the smoke preset: every stage ran the steps it was asked for.
-    assert summary["steps_run"] == summary["steps_asked"] == {
-        "pretrain": settings.pretrain_steps,
-        "reward": settings.reward_steps,
-        "ppo": settings.ppo_iterations,
-    }
+    assert (
+        summary["steps_run"]
+        == summary["steps_asked"]
+        == {
+            "pretrain": settings.pretrain_steps,
+            "reward": settings.reward_steps,
+            "ppo": settings.ppo_iterations,
+        }
+    )
     with open(out / "ppo_curves.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["kl_ref"]) for r in rows] == [m["kl_ref"] for m in metrics]
@@ -57,3 +61,65 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_human_demo_waits_for_people_and_trains_on_what_they_ranked(tmp_path):
+    # `demo --human`: the labeling stage serves the page; a scripted person ranks through the
+    # HTTP API (shortest response first, its own rule) and presses done; the reward model then
+    # trains on exactly those rankings.
+    import http.client
+    import threading
+    import time
+
+    from conftest import free_port
+
+    from palm_rlhf.demo import run_demo
+    from palm_rlhf.label.human import HumanLabeling
+
+    port, out, result = free_port(), tmp_path / "demo", {}
+    human = HumanLabeling(port=port, token="t0k")
+    thread = threading.Thread(
+        target=lambda: result.update(run_demo(out, "smoke", 2, show_progress=False, human=human))
+    )
+    thread.start()
+
+    def call(method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Host": f"127.0.0.1:{port}", "Authorization": "Bearer t0k"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        response = conn.getresponse()
+        data = json.loads(response.read())
+        conn.close()
+        assert response.status == 200, data
+        return data
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            task = call("GET", "/api/next?labeler=script")["task"]
+            break
+        except OSError:
+            assert time.monotonic() < deadline and thread.is_alive(), "the page never came up"
+            time.sleep(0.2)
+    ranked = 0
+    while task is not None:
+        texts = {r["id"]: r["text"] for r in task["responses"]}
+        by_length = sorted(texts, key=lambda i: (len(texts[i]), i))
+        call("POST", "/api/submit", {
+            "submission_id": f"s{ranked}", "task_id": task["task_id"], "labeler": "script",
+            "ranking": by_length, "not_rankable": False, "flags": [[]] * len(texts),
+            "duration_s": 0.5,
+        })  # fmt: skip
+        ranked += 1
+        task = call("GET", "/api/next?labeler=script")["task"]
+    call("POST", "/api/done", {})
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result, "the demo did not continue after 'done'"
+    assert ranked == SETTINGS["smoke"].label_prompts
+    rows = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
+    assert {r["labeler"] for r in rows} == {"script"} and len(rows) == ranked
+    assert result["ranked_groups"] == ranked  # strict rankings: every one trains
+    assert result["labeler"] == "people (ranking page)"
+    assert (out / "tasks.jsonl").exists() and (out / "summary.json").exists()

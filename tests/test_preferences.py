@@ -53,6 +53,20 @@ def test_ties_parse(tmp_path):
     assert load_preferences(path).groups[0].ranks == [0, 1, 0, 2]
 
 
+def test_records_without_an_ordering_are_skipped_and_counted(tmp_path):
+    # A labeler may tie everything or find nothing acceptable: valid records that train
+    # nothing. They are counted, not errors.
+    path = write_jsonl(
+        tmp_path / "none.jsonl",
+        {"prompt": "p", "responses": ["a", "b"], "ranking": [[0, 1]]},
+        {"prompt": "p", "responses": ["a", "b"], "ranking": [], "not_rankable": True},
+        {"prompt": "q", "responses": ["a", "b"], "ranking": [1, 0]},
+    )
+    data = load_preferences(path)
+    assert [g.ranks for g in data.groups] == [[1, 0]]
+    assert data.skipped == {"all_tied": 1, "not_rankable": 1}
+
+
 RANKING = {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]}
 
 
@@ -68,7 +82,6 @@ RANKING = {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]}
         ({**RANKING, "ranking": [0, 1]}, "ranking", "missing \\[2\\]"),
         ({**RANKING, "ranking": [0, 1, 1, 2]}, "ranking", "index 1 appears more than once"),
         ({**RANKING, "ranking": [0, 1, 3]}, "ranking", "out of range"),
-        ({**RANKING, "ranking": [[0, 1, 2]]}, "ranking", "all responses tie"),
         ({**RANKING, "ranking": [0, [], 1, 2]}, "ranking", "empty tie list"),
         ({**RANKING, "ranking": [0, 1.0, 2]}, "ranking", "expected a response index"),
         ({**RANKING, "ranking": "0 1 2"}, "ranking", "non-empty list"),
