@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import _parse_jsonl
 from ..preferences import parse_ranking
 from .tasks import Task
 
@@ -109,6 +110,16 @@ def _same_content(row: dict[str, Any], other: dict[str, Any]) -> bool:
     return all(row.get(key) == other.get(key) for key in keys)
 
 
+def _log_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, row in _parse_jsonl(path, text):
+        if not isinstance(row.get("submission_id"), str):
+            raise ValueError(
+                f"{path}:{lineno}: not a row of a rankings log (no 'submission_id'); give "
+                "`palm-rlhf label --out` a new file"
+            )
+        yield lineno, row
+
+
 def read_log(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for each ranking row of a log that was not undone, without opening
     it for writing (a server may be appending). A torn last line is left out with a warning."""
@@ -120,15 +131,7 @@ def read_log(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if lines[-1]:
         print(f"warning: {path}:{len(lines)}: torn last line left out", file=sys.stderr)
     rows: dict[str, tuple[int, dict[str, Any]]] = {}
-    for lineno, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("submission_id"), str):
-            raise ValueError(f"{path}:{lineno}: not a row of a rankings log (no 'submission_id')")
+    for lineno, row in _log_rows(path, "\n".join(lines[:-1])):
         if "retracts" in row:
             if rows.pop(row["retracts"], None) is None:
                 raise ValueError(f"{path}:{lineno}: retracts {row['retracts']!r}, no such ranking")
@@ -179,20 +182,7 @@ class RankingLog:
         )
 
     def _read_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        text = self.path.read_text(encoding="utf-8")
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}:{lineno}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("submission_id"), str):
-                raise ValueError(
-                    f"{self.path}:{lineno}: not a row of a rankings log (no 'submission_id'); "
-                    "give `palm-rlhf label --out` a new file"
-                )
-            yield lineno, row
+        return _log_rows(self.path, self.path.read_text(encoding="utf-8"))
 
     def _index(self, row: dict[str, Any], where: str) -> None:
         sid = row["submission_id"]
