@@ -154,8 +154,11 @@ def _decode_utf8(path: Path, data: bytes) -> str:
 
 
 def _parse_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) per non-blank line; JSON Lines allows no other line content."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    """(line number, object) per non-blank line; JSON Lines allows no other line content.
+    Lines end at "\n" only (a "\r" before it is dropped): str.splitlines would also break
+    at U+2028, U+0085 and others, which JSON strings may hold unescaped."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

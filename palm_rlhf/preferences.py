@@ -71,7 +71,8 @@ class PreferenceData:
     ratings: list[RatedExample]
     skipped: dict[str, int] = field(default_factory=dict)
     """Valid records that carry no ordering, so train nothing, by reason: `not_rankable`,
-    `all_tied`, `retracted` (undone on the ranking page)."""
+    `all_tied`, `retracted` (undone on the ranking page), `unacknowledged_last_row` (a log
+    row cut off before its newline)."""
 
 
 AGGREGATE_CHOICES = ("none", "borda", "ranked_pairs")
@@ -94,11 +95,18 @@ def load_preferences(path: str | Path, aggregate: str = "none") -> PreferenceDat
     data = _read_bytes(path)
     text = _decode_utf8(path, data)
     records = list(_parse_jsonl_reporting_torn_tail(path, text))
+    skipped: Counter[str] = Counter()
+    last_line = text.count("\n") + 1
+    cut_off = bool(text) and not text.endswith("\n")
+    if cut_off and records and records[-1][0] == last_line and "submission_id" in records[-1][1]:
+        # A log row whose newline never reached the disk was never acknowledged (the labeling
+        # server answers only after the whole line is synced).
+        records.pop()
+        skipped["unacknowledged_last_row"] += 1
     retracted = _retracted_ids(path, records)
     groups: list[PreferenceGroup] = []
     task_of: list[str | None] = []  # per group, for aggregation
     ratings: list[RatedExample] = []
-    skipped: Counter[str] = Counter()
     for lineno, obj in records:
         if "retracts" in obj:
             continue

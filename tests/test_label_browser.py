@@ -78,8 +78,8 @@ def rows(server):
     return [json.loads(line) for line in text.splitlines()]
 
 
-def open_page(browser, server, name):
-    page = browser.new_context(viewport={"width": 1000, "height": 900}).new_page()
+def open_page(browser, server, name, **context):
+    page = browser.new_context(viewport={"width": 1000, "height": 900}, **context).new_page()
     page.goto(server.url())
     assert page.url == server.url(with_token=False)  # the token left the address bar
     page.fill("#name-input", name)
@@ -160,6 +160,23 @@ def test_drag_makes_a_tie_and_undo_brings_the_task_back(browser, served):
     page.click("#not-rankable")
     wait_rows(page, server, 1)
     assert rows(server)[-1]["not_rankable"] is True and rows(server)[-1]["ranking"] == []
+
+
+def test_a_touch_drag_ranks_like_a_mouse_drag(browser, served):
+    server = served()
+    page = open_page(browser, server, "dee", has_touch=True)
+    order = display_order("t0", "dee", 4)
+    cdp = page.context.new_cdp_session(page)
+    box = page.locator(f'.card[data-id="{order[2]}"] .handle').bounding_box()
+    goal = page.locator('.rank[data-rank="0"]').bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for step in range(1, 9):
+        point = {"x": x + (goal["x"] + 30 - x) * step / 8,
+                 "y": y + (goal["y"] + goal["height"] / 2 - y) * step / 8}  # fmt: skip
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    assert card_order(page) == [sorted([order[0], order[2]]), order[1], order[3]]
 
 
 def test_model_output_is_shown_as_text_and_runs_nothing(browser, served, tmp_path):

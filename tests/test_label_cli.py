@@ -172,3 +172,73 @@ def test_reward_trains_on_the_log_as_written(tmp_path, policy, capsys):
     assert main(argv) == 0
     assert "skipped records that carry no ordering: 2 not rankable" in capsys.readouterr().out
     assert main([*argv[:-2], "--aggregate", "borda", "--out", str(tmp_path / "rm2")]) == 0
+
+
+def test_label_samples_ahead_of_the_labelers_and_a_restart_reuses_the_tasks(tmp_path, policy):
+    # `label --policy --prompts`: tasks are sampled in the background into
+    # rankings.jsonl.tasks.jsonl; --target ends the session; a restart samples only what is
+    # missing and never serves a ranked task again.
+    import http.client
+    import re
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "p.txt").write_text("".join(f"x{i} = {i}\n" for i in range(6)))
+    out = tmp_path / "rankings.jsonl"
+
+    def session(target):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "palm_rlhf.cli", "label", "--policy", str(policy),
+             "--prompts", str(tmp_path / "p.txt"), "--k", "2", "--max-new-tokens", "8",
+             "--batch-size", "4", "--out", str(out), "--port", "0", "--target", str(target)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lines = [proc.stdout.readline() for _ in range(2)]
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", "".join(lines))
+        assert match, "".join(lines) + proc.stderr.read()
+        port, token = int(match[1]), match[2]
+
+        def call(method, path, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            headers = {"Host": f"127.0.0.1:{port}", "Authorization": f"Bearer {token}"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            conn.request(method, path, json.dumps(body) if body else None, headers)
+            data = json.loads(conn.getresponse().read())
+            conn.close()
+            return data
+
+        return proc, lines, call
+
+    proc, lines, call = session(target=2)
+    assert "sampling 6 more tasks" in "".join(lines)
+    served = []
+    while len(served) < 2:
+        task = call("GET", "/api/next?labeler=ana")["task"]
+        if task is None:  # the first chunk is still being sampled
+            time.sleep(0.1)
+            continue
+        served.append(task["task_id"])
+        call("POST", "/api/submit", {
+            "submission_id": task["task_id"], "task_id": task["task_id"], "labeler": "ana",
+            "ranking": [0, 1], "not_rankable": False, "flags": [[], []], "duration_s": 1.0,
+        })  # fmt: skip
+    assert proc.wait(timeout=60) == 0  # the target ended the session
+    tasks = load_tasks(f"{out}.tasks.jsonl")
+    assert tasks[0].policy == str(policy) and tasks[0].generation["k"] == 2
+
+    proc, lines, call = session(target=3)
+    try:
+        while call("GET", "/api/progress")["sampling"]:
+            time.sleep(0.1)
+        assert "sampling 6 more tasks" not in "".join(lines)
+        task = call("GET", "/api/next?labeler=ana")["task"]
+        assert task["task_id"] not in served
+        assert [t.task_id for t in load_tasks(f"{out}.tasks.jsonl")][: len(tasks)] == [
+            t.task_id for t in tasks
+        ]
+        assert len(load_tasks(f"{out}.tasks.jsonl")) == 6
+    finally:
+        proc.kill()
+        proc.wait()

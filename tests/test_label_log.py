@@ -130,3 +130,53 @@ def test_tasks_round_trip_and_bad_task_files_name_the_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: .*2 to 9 responses"):
         load_tasks(tmp_path / "bad.jsonl")
+
+
+def test_rows_survive_line_separators_in_model_output(tmp_path):
+    # Bug caught: U+2028 / U+0085 in a response (the byte tokenizer can sample them) split a
+    # row in two for str.splitlines, and the whole log stopped parsing.
+    task = Task("t9", "p\u2028q", ["a\u0085b", "c\u2029d", "e\r\nf"], [True] * 3)
+    log = RankingLog(tmp_path / "r.jsonl")
+    log.append(ranking_row(task, submission("s1", task="t9"), [0, 1, 2]))
+    log.close()
+    assert (tmp_path / "r.jsonl").read_bytes().count(b"\n") == 1
+    [group] = load_preferences(tmp_path / "r.jsonl").groups
+    assert group.prompt == "p\u2028q" and group.responses == task.responses
+    assert len(RankingLog(tmp_path / "r.jsonl").active_rankings()) == 1
+
+
+def test_a_row_cut_before_its_newline_was_never_acknowledged(tmp_path):
+    path = tmp_path / "r.jsonl"
+    log = RankingLog(path)
+    log.append(row(submission("s1")))
+    log.append(row(submission("s2", task="t1"), TASKS[1]))
+    log.close()
+    path.write_bytes(path.read_bytes()[:-1])  # the crash took only the last newline
+    data = load_preferences(path)
+    assert len(data.groups) == 1 and data.skipped == {"unacknowledged_last_row": 1}
+
+
+def test_a_failed_write_keeps_nothing_of_the_row(tmp_path, monkeypatch):
+    import os as os_module
+
+    import palm_rlhf.label.log as log_module
+
+    log = RankingLog(tmp_path / "r.jsonl")
+    log.append(row(submission("s1")))
+    before = (tmp_path / "r.jsonl").read_bytes()
+
+    real_write = os_module.write
+
+    def half_then_fail(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log_module.os, "write", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        log.append(row(submission("s2", task="t1"), TASKS[1]))
+    monkeypatch.undo()
+    assert (tmp_path / "r.jsonl").read_bytes() == before  # the half row was cut off
+    assert log.get("s2") is None  # and not taken for saved: a retry writes it
+    assert log.append(row(submission("s2", task="t1"), TASKS[1]))
+    log.close()
+    assert len(load_preferences(tmp_path / "r.jsonl").groups) == 2

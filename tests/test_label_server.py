@@ -78,9 +78,11 @@ def test_the_token_becomes_an_http_only_strict_cookie_and_leaves_the_address(ser
     status, _, response = call(server.port, "GET", "/?token=secret", token=None)
     assert status == 303 and response.getheader("Location") == "/"
     cookie = response.getheader("Set-Cookie")
-    assert "palm_rlhf_label=secret" in cookie and "HttpOnly" in cookie
+    # Named by port: a second server on this host must not overwrite it.
+    assert f"palm_rlhf_label_{server.port}=secret" in cookie and "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
-    jar = {"Cookie": cookie.split(";")[0]}
+    # Another local app's malformed cookie in the same jar must not lock the labeler out.
+    jar = {"Cookie": 'other="a b; x=y z; ' + cookie.split(";")[0]}
     status, page, response = call(server.port, "GET", "/", token=None, headers=jar)
     assert status == 200 and b'<script src="/static/app.js"' in page
     assert "script-src 'self'" in response.getheader("Content-Security-Policy")

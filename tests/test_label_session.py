@@ -3,7 +3,7 @@
 import pytest
 
 from palm_rlhf.label.log import RankingLog, Submission
-from palm_rlhf.label.session import LabelSession, display_order
+from palm_rlhf.label.session import LabelSession, UnknownTask, display_order
 from palm_rlhf.label.tasks import Task
 
 TASKS = [Task(f"t{i}", f"p{i}", ["a", "b", "c", "d"], [False] * 4) for i in range(3)]
@@ -70,7 +70,7 @@ def test_skip_moves_on_and_an_unknown_task_is_refused(tmp_path):
     session.skip("ana", "t0")
     assert session.next_task("ana")["task_id"] == "t1"
     assert session.next_task("bo")["task_id"] == "t0"  # skipping frees the task for others
-    with pytest.raises(KeyError, match="unknown task 'nope'"):
+    with pytest.raises(UnknownTask, match="unknown task 'nope'"):
         session.skip("ana", "nope")
 
 

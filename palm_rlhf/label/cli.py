@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -262,8 +263,9 @@ def serve(args: argparse.Namespace) -> None:
             announce=lambda line: print(line, flush=True),
         )
     finally:
-        if sampler is not None:
+        if sampler is not None:  # let it finish the chunk it is writing
             sampler.stop.set()
+            sampler.join()
         log.close()
     print(f"stopped: {session.progress()['rankings']} rankings in {args.out}")
 
@@ -280,7 +282,6 @@ class BackgroundSampler(threading.Thread):
         self.chunk = max(1, args.batch_size // args.k)
 
     def run(self) -> None:
-        self.session.sampling = True
         try:
             self._sample_all()
         finally:
@@ -291,8 +292,12 @@ class BackgroundSampler(threading.Thread):
             while self.next_index < len(self.records) and not self.stop.is_set():
                 chunk = self.records[self.next_index : self.next_index + self.chunk]
                 tasks = _sample(self.args, chunk, self.next_index)
+                # Written (and synced) before any labeler can be served them, so a task that
+                # was ranked is always in the file a restart reads.
                 with open(self.args.tasks_path, "a", encoding="utf-8") as handle:
                     handle.write("".join(json.dumps(asdict(t)) + "\n" for t in tasks))
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 self.session.add_tasks(tasks)
                 self.next_index += len(chunk)
                 time.sleep(0)
@@ -304,12 +309,20 @@ def start_background_sampling(args: argparse.Namespace, log: Any) -> tuple[Any, 
 
     records = read_prompts(args.prompts or "stdlib", args.num_prompts, args.seed)
     args.tasks_path = Path(f"{args.out}.tasks.jsonl")
-    existing = load_tasks(args.tasks_path) if args.tasks_path.exists() else []
+    existing = []
+    if args.tasks_path.exists():
+        data = args.tasks_path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a kill mid-write: those tasks were never served
+            os.truncate(args.tasks_path, data.rfind(b"\n") + 1)
+            print(f"warning: {args.tasks_path}: cut a torn last line", file=sys.stderr)
+        if args.tasks_path.stat().st_size:
+            existing = load_tasks(args.tasks_path)
     if len(existing) > len(records):
         raise ValueError(f"{args.tasks_path} holds more tasks than there are prompts")
     args.loaded_policy, args.show_progress = _load_policy(args), False
     session = LabelSession(existing, log, args.per_task, target=args.target)
     sampler = BackgroundSampler(args, session, records, len(existing))
+    session.sampling = len(existing) < len(records)  # before the first request can ask
     sampler.start()
     print(f"sampling {len(records) - len(existing)} more tasks in the background "
           f"into {args.tasks_path}")  # fmt: skip

@@ -147,11 +147,13 @@ class RankingLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._file = open(self.path, "ab")  # noqa: SIM115 (held for the session)
+        # Unbuffered, O_APPEND: each row is one os.write loop, nothing waits in a buffer.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._broken = False
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.close()
+            os.close(self._fd)
             raise RuntimeError(
                 f"{self.path}: another process is writing this rankings log (a second "
                 "`palm-rlhf label` on the same --out?)"
@@ -200,7 +202,8 @@ class RankingLog:
     def append(self, row: dict[str, Any]) -> bool:
         """Write `row` durably; False (and nothing written) when the same submission is already
         in the log, SubmissionConflict when its id is taken by different content."""
-        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        # ASCII escapes: no byte of a row can be read as a line break by any reader.
+        line = (json.dumps(row) + "\n").encode("ascii")
         with self._lock:
             earlier = self._rows.get(row["submission_id"])
             if earlier is not None:
@@ -210,17 +213,37 @@ class RankingLog:
                     f"submission_id {row['submission_id']!r} was already used for a different "
                     "submission"
                 )
-            if "retracts" in row and row["retracts"] in self._retracted:
-                raise ValueError(f"submission {row['retracts']!r} is already undone")
+            if "retracts" in row:
+                target = self._rows.get(row["retracts"])
+                if target is None or "retracts" in target:
+                    raise ValueError(f"retracts {row['retracts']!r}, no earlier ranking")
+                if row["retracts"] in self._retracted:
+                    raise ValueError(f"submission {row['retracts']!r} is already undone")
+            if self._broken:
+                raise OSError(f"{self.path}: an earlier write failed; restart `palm-rlhf label`")
+            size = os.fstat(self._fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(self._fd, line[written:])
+                os.fsync(self._fd)
+            except OSError:
+                # Not acknowledged, so not kept: cut the partial row off, and stop writing if
+                # even that fails (a later row must never follow half a row).
+                try:
+                    os.ftruncate(self._fd, size)
+                    os.fsync(self._fd)
+                except OSError:
+                    self._broken = True
+                raise
             self._index(row, "new row")
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
         return True
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     # --------------------------------------------------------------------- reading the index
 

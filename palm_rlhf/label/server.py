@@ -18,15 +18,15 @@ import hmac
 import json
 import secrets
 import threading
+import time
 from http import HTTPStatus
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .log import Submission, SubmissionConflict
-from .session import LabelSession
+from .session import LabelSession, UnknownTask
 
 MAX_BODY = 64 * 1024
 COOKIE = "palm_rlhf_label"
@@ -70,6 +70,8 @@ class LabelServer(ThreadingHTTPServer):
         self.session = session
         self.token = token or secrets.token_urlsafe(24)
         self.port = self.server_address[1]
+        # One cookie per port: two servers on this host must not overwrite each other's.
+        self.cookie = f"{COOKIE}_{self.port}"
         names = {"127.0.0.1", "localhost", "[::1]", *allowed_hosts}
         self.allowed_hosts = {f"{name}:{self.port}" for name in names} | set(allowed_hosts)
 
@@ -111,17 +113,17 @@ class Handler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         if header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token):
             return True, False
-        cookie = SimpleCookie()
-        try:
-            cookie.load(self.headers.get("Cookie", ""))
-        except Exception:  # a malformed cookie header is no credential
-            cookie = SimpleCookie()
-        if COOKIE in cookie and hmac.compare_digest(cookie[COOKIE].value.encode(), token):
-            return True, False
+        # Parsed by hand: SimpleCookie drops every cookie when any one is malformed, and other
+        # apps on 127.0.0.1 (any port) share this cookie jar.
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.server.cookie and hmac.compare_digest(value.encode(), token):
+                return True, False
         given = query.get("token", [""])[0].encode()
         return bool(given) and hmac.compare_digest(given, token), True
 
     def _handle(self) -> None:
+        self._body_read = False
         try:
             if self.headers.get("Host", "") not in self.server.allowed_hosts:
                 raise RequestError(
@@ -145,7 +147,8 @@ class Handler(BaseHTTPRequestHandler):
                     b"",
                     "text/plain",
                     Location="/",
-                    Set_Cookie=f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/",
+                    Set_Cookie=f"{self.server.cookie}={self.server.token}; HttpOnly; "
+                    "SameSite=Strict; Path=/",
                 )
                 return
             if self.command in ("GET", "HEAD"):
@@ -153,11 +156,13 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._post(parts.path, self._body())
         except RequestError as error:
+            if self.command == "POST" and not self._body_read:
+                self.close_connection = True  # an unread body must not become a "request"
             self._json(error.status, {"error": str(error)})
         except SubmissionConflict as error:
             self._json(HTTPStatus.CONFLICT, {"error": str(error)})
-        except KeyError as error:
-            self._json(HTTPStatus.NOT_FOUND, {"error": str(error.args[0])})
+        except UnknownTask as error:
+            self._json(HTTPStatus.NOT_FOUND, {"error": str(error)})
         except ValueError as error:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
         except Exception as error:  # a bug: say so, keep serving the other labelers
@@ -177,13 +182,16 @@ class Handler(BaseHTTPRequestHandler):
         if not 0 <= length <= MAX_BODY:
             if 0 < length <= 16 * MAX_BODY:
                 self.rfile.read(length)  # read it, so the client sees the reply, not a reset
+                self._body_read = True
             else:
                 self.close_connection = True  # unread, it would be parsed as the next request
             raise RequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes ({length})"
             )
+        data = self.rfile.read(length)
+        self._body_read = True
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON body ({error})") from None
         if not isinstance(body, dict):
@@ -296,6 +304,7 @@ def serve_until_done(
     try:
         while not session.done.wait(0.5):
             pass
+        time.sleep(0.5)  # the reply to the request that ended the session is still going out
     except KeyboardInterrupt:
         pass
     finally:

@@ -31,6 +31,10 @@ from .log import (
 from .tasks import Task
 
 
+class UnknownTask(LookupError):
+    """A task id that is not in the session (HTTP 404)."""
+
+
 def display_order(task_id: str, labeler: str, k: int) -> list[int]:
     """The order (indices into the task's responses) this labeler sees; stable across runs."""
     seed = int.from_bytes(hashlib.sha256(f"{task_id}\0{labeler}".encode()).digest()[:8], "big")
@@ -189,5 +193,5 @@ class LabelSession:
 
     def _task(self, task_id: str) -> Task:
         if task_id not in self.tasks:
-            raise KeyError(f"unknown task {task_id!r}")
+            raise UnknownTask(f"unknown task {task_id!r}")
         return self.tasks[task_id]

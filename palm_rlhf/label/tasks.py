@@ -115,7 +115,7 @@ def sample_tasks(
 
 
 def write_tasks(tasks: Sequence[Task], path: str | Path) -> None:
-    lines = [json.dumps(asdict(task)) for task in tasks]
+    lines = [json.dumps(asdict(task)) for task in tasks]  # ASCII escapes: see label.log
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
 
 

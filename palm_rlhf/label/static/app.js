@@ -13,6 +13,9 @@ const state = {
   warned: false,   // the untouched-order warning was shown once
   shownAt: 0,
   busy: false,
+  pending: null,   // {key, id}: a submit that may have reached the server; retried under its id
+  refresh: 0,      // timer of the "more tasks are being sampled" check
+  confirmDone: false,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -268,6 +271,9 @@ document.addEventListener("keydown", (event) => {
 // ------------------------------------------------------------------ the task cycle
 
 function showTask(data) {
+  clearTimeout(state.refresh);
+  state.pending = null;
+  state.confirmDone = false;
   renderProgress(data.progress);
   message("error", "");
   message("warning", "");
@@ -279,7 +285,7 @@ function showTask(data) {
     $("finished-text").textContent = sampling
       ? "More tasks are being sampled; this page checks again every few seconds."
       : "No tasks are left for you. Thank you!";
-    if (sampling) setTimeout(loadNext, 3000);
+    if (sampling) state.refresh = setTimeout(loadNext, 3000);
     return;
   }
   show("finished", false);
@@ -296,6 +302,7 @@ function showTask(data) {
 }
 
 async function loadNext() {
+  clearTimeout(state.refresh);
   try {
     showTask(await api("GET", `/api/next?labeler=${encodeURIComponent(state.labeler)}`));
   } catch (error) {
@@ -311,13 +318,19 @@ async function submit(notRankable) {
     return;
   }
   state.busy = true;
+  const ranking = notRankable ? [] : rankingPayload();
+  const flags = state.task.responses.map((_, i) => Array.from(state.flags[i]).sort());
+  // The same answer keeps its submission id until it is saved: if an attempt reached the
+  // server but its reply was lost, clicking again is a retry, not a second ranking.
+  const key = JSON.stringify([state.task.task_id, ranking, notRankable, flags]);
+  if (!state.pending || state.pending.key !== key) state.pending = { key, id: newId() };
   const body = {
-    submission_id: newId(),
+    submission_id: state.pending.id,
     task_id: state.task.task_id,
     labeler: state.labeler,
-    ranking: notRankable ? [] : rankingPayload(),
+    ranking,
     not_rankable: notRankable,
-    flags: state.task.responses.map((_, i) => Array.from(state.flags[i]).sort()),
+    flags,
     duration_s: (performance.now() - state.shownAt) / 1000,
   };
   try {
@@ -348,6 +361,12 @@ async function skip() {
 }
 
 async function done() {
+  if (!state.confirmDone) {  // it ends the session for every labeler, so ask twice
+    state.confirmDone = true;
+    const text = "This ends labeling for everyone on this server. Press 'Done labeling' again to confirm.";
+    if (state.task) message("warning", text); else $("finished-text").textContent = text;
+    return;
+  }
   const progress = await post("/api/done", {});
   if (progress) {
     show("task", false);
