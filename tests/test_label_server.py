@@ -257,3 +257,25 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_ranking(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_every_interface_gets_a_warning_and_only_the_allowed_names(tmp_path):
+    from palm_rlhf.label.server import serve_until_done
+
+    log = RankingLog(tmp_path / "r.jsonl")
+    session = LabelSession(make_tasks(1), log)
+    session.done.set()  # returns at once: what matters here is what it announced
+    lines = []
+    serve_until_done(session, "0.0.0.0", 0, announce=lines.append)
+    assert lines[0].startswith("warning: serving on 0.0.0.0") and "ranking page" in lines[1]
+    srv = LabelServer(session, "0.0.0.0", 0, token="secret", allowed_hosts=("lab.example",))
+    srv.serve_in_thread()
+    try:
+        for host, status in (("lab.example", 200), (f"lab.example:{srv.port}", 200),
+                             ("other.example", 403)):  # fmt: skip
+            got, _, _ = call(srv.port, "GET", "/api/progress", headers={"Host": host})
+            assert got == status, host
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        log.close()
