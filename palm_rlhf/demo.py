@@ -1,15 +1,17 @@
 """`palm-rlhf demo`: the whole RLHF pipeline on the built-in stdlib corpus, offline, on a CPU.
 
 step 1. pretrain a tiny PaLM on the Python standard library's sources
-step 2. sample K responses per prompt; the simulated labeler (labeler.py) ranks them
-step 3. train a reward model on those rankings only (it never sees the rule)
-step 4. PPO against the reward model
-step 5. before/after on held-out prompts: the rule's score, reward-model accuracy, KL to the
-        reference, samples; score and KL per PPO iteration (ppo_curves.csv, and a PNG with
-        matplotlib); summary.json
+step 2. SFT on (signature + docstring) -> body pairs mined from the training files
+step 3. sample K bodies per training-file docstring prompt from the SFT policy; the simulated
+        labeler (labeler.py) ranks them, or people on the ranking page (`--human`)
+step 4. train a reward model (from the SFT model) on those rankings only
+step 5. PPO from the SFT policy against the reward model
+step 6. on held-out files' docstring prompts: the rule's score after pretraining, SFT and
+        PPO, reward-model accuracy, KL to the reference, samples; score and KL per PPO
+        iteration (ppo_curves.csv, and a PNG with matplotlib); summary.json
 
-Each stage has a time budget (pretraining, reward model and PPO stop early, with a
-checkpoint, once theirs is spent), so a slower machine gets a weaker demo, not a longer one.
+Each training stage has a time budget (it stops early, with a checkpoint, once its budget is
+spent), so a slower machine gets a weaker demo, not a longer one.
 """
 
 from __future__ import annotations
@@ -25,14 +27,9 @@ import torch
 
 from .checkpoint import write_bytes_atomic
 from .config import PPOConfig, TrainConfig, preset_config
+from .docstrings import DocstringPair, stdlib_docstring_pairs
 from .label.human import HumanLabeling, rank_by_people
-from .labeler import (
-    label_samples,
-    rule_score,
-    sample_completions,
-    stdlib_prompts,
-    write_rankings,
-)
+from .labeler import label_samples, rule_score, sample_completions, write_rankings
 from .palm import PaLM
 from .plot import write_ppo_curves
 from .ppo import PPOTrainer
@@ -47,6 +44,8 @@ DEMO_RUN_MARKERS = (
     "pretrain",
     "reward",
     "policy",
+    "sft",
+    "sft.jsonl",
     "rankings.jsonl",
     "tasks.jsonl",
     "ppo_metrics.jsonl",
@@ -58,17 +57,21 @@ DEMO_RUN_MARKERS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of each stage; `full` took 12.3-13.0 minutes on a 2-core AMD EPYC (3 seeds), at
-    most 15 on a slower machine: each stage has a time budget."""
+    """Sizes of each stage; `full` is sized to take about 13 minutes on a 2-core AMD EPYC, at
+    most 15 on a slower machine: each training stage has a time budget."""
 
     pretrain_steps: int
+    sft_examples: int
+    """(signature + docstring) -> body pairs from the training files that SFT trains on."""
+    sft_steps: int
     label_prompts: int
-    heldout_prompts: int
-    """Held-out prompts whose ranked samples measure the reward model's accuracy."""
-    eval_prompts: int
-    """Held-out prompts the rule score is measured on, one sample each, before and after PPO
-    (the first heldout_prompts of them also measure the reward model). Hundreds: with 64 the
-    before/after ratio moved by a factor of two between runs that differed only in sampling."""
+    """Training-file docstring prompts (distinct from SFT's) that are sampled, ranked, and
+    then used by PPO."""
+    eval_samples: int
+    """Samples per held-out docstring prompt for the rule score (the held-out files hold only
+    ~50 such prompts, so each is sampled several times)."""
+    heldout_groups_per_prompt: int
+    """Ranked groups per held-out prompt that measure the reward model's accuracy."""
     responses_per_prompt: int
     response_tokens: int
     reward_steps: int
@@ -76,33 +79,38 @@ class DemoSettings:
     model_overrides: dict[str, Any]
     pretrain_budget_s: float = 0.0
     """Seconds each stage may take at most (0 = no limit)."""
+    sft_budget_s: float = 0.0
     reward_budget_s: float = 0.0
     ppo_budget_s: float = 0.0
 
 
 SETTINGS = {
     "full": DemoSettings(
-        pretrain_steps=360,
+        pretrain_steps=300,
+        sft_examples=2000,
+        sft_steps=90,
         label_prompts=640,
-        heldout_prompts=128,
-        eval_prompts=512,
+        eval_samples=8,
+        heldout_groups_per_prompt=2,
         responses_per_prompt=4,
         response_tokens=48,
         reward_steps=110,
         ppo_iterations=32,
         model_overrides={},
-        # On the 2-core AMD EPYC these steps take about 320 s, 180 s and 165 s; the budgets
-        # stop a slower machine early, within 15 minutes in all (summary.json's steps_run
-        # says whether they did).
-        pretrain_budget_s=360.0,
+        # The budgets stop a slower machine early, within 15 minutes in all (summary.json's
+        # steps_run says whether they did).
+        pretrain_budget_s=300.0,
+        sft_budget_s=90.0,
         reward_budget_s=200.0,
         ppo_budget_s=185.0,
     ),
     "smoke": DemoSettings(
         pretrain_steps=40,
+        sft_examples=64,
+        sft_steps=4,
         label_prompts=24,
-        heldout_prompts=8,
-        eval_prompts=12,
+        eval_samples=1,
+        heldout_groups_per_prompt=1,
         responses_per_prompt=4,
         response_tokens=32,
         reward_steps=4,
@@ -110,6 +118,18 @@ SETTINGS = {
         model_overrides=dict(dim=64, depth=2, heads=2),
     ),
 }
+
+
+def demo_prompts(
+    settings: DemoSettings, seed: int
+) -> tuple[list[DocstringPair], list[str], list[str]]:
+    """SFT pairs and labelling/PPO prompts from the training files (disjoint), and the rule's
+    evaluation prompts from the held-out files only (each repeated eval_samples times)."""
+    train = stdlib_docstring_pairs(settings.sft_examples + settings.label_prompts, "train", seed)
+    sft_pairs = train[: settings.sft_examples]
+    label_prompts = [pair.prompt for pair in train[settings.sft_examples :]]
+    heldout = [pair.prompt for pair in stdlib_docstring_pairs(10_000, "heldout", seed)]
+    return sft_pairs, label_prompts, heldout * settings.eval_samples
 
 
 @torch.no_grad()
@@ -121,7 +141,8 @@ def rule_eval(
     lora_scope: str | None,
     seed: int,
 ) -> tuple[float, list[str]]:
-    """Mean rule score of one sampled response per prompt, and the responses."""
+    """Mean rule score of one sampled response per prompt (a prompt listed n times is sampled
+    n times), and the responses."""
     completions = sample_completions(
         policy, tokenizer, prompts, max_new_tokens, seed=seed, lora_scope=lora_scope
     )
@@ -151,7 +172,7 @@ def run_demo(
             print(f"[demo {time.perf_counter() - began:6.0f}s] {message}", flush=True)
 
     # step 1. pretrain
-    log("step 1/5: pretraining a tiny PaLM on the stdlib corpus")
+    log("step 1/6: pretraining a tiny PaLM on the stdlib corpus")
     model_config = preset_config("tiny", tok.vocab_size, **settings.model_overrides)
     history = train_lm(
         model_config,
@@ -176,12 +197,42 @@ def run_demo(
     base_dir = TrainingCheckpoints(out / "pretrain" / "checkpoints").latest()
     timings["pretrain_s"] = time.perf_counter() - began
 
-    # step 2. simulated labels
-    log("step 2/5: sampling responses and ranking them with the simulated labeler")
-    policy = PaLM.from_pretrained(base_dir)
-    train_prompts = stdlib_prompts(settings.label_prompts, "train", seed)
-    eval_prompts = stdlib_prompts(settings.eval_prompts, "heldout", seed)
-    heldout_prompts = eval_prompts[: settings.heldout_prompts]
+    # step 2. SFT on (signature + docstring) -> body demonstrations from the training files
+    log("step 2/6: supervised fine-tuning on docstring -> body pairs")
+    sft_pairs, train_prompts, eval_prompts = demo_prompts(settings, seed)
+    heldout_prompts = eval_prompts[: len(eval_prompts) // settings.eval_samples]
+    sft_data = out / "sft.jsonl"
+    write_bytes_atomic(
+        sft_data,
+        "".join(json.dumps(asdict(pair)) + "\n" for pair in sft_pairs).encode(),
+    )
+    train_lm(
+        None,
+        TrainConfig(
+            data=str(sft_data),
+            seq_len=256,
+            batch_size=16,
+            steps=settings.sft_steps,
+            lr=1e-3,
+            warmup_steps=min(10, settings.sft_steps // 2),
+            eval_every=0,
+            sample_every=0,
+            log_every=10,
+            checkpoint_every=0,
+            seed=seed,
+            time_limit_s=settings.sft_budget_s,
+        ),
+        out / "sft",
+        init_checkpoint=base_dir,
+        sft=True,
+        show_progress=show_progress,
+    )
+    sft_dir = TrainingCheckpoints(out / "sft" / "checkpoints").latest()
+    timings["sft_s"] = time.perf_counter() - began - sum(timings.values())
+
+    # step 3. labels for samples of the SFT policy (the simulated labeler, or people)
+    log("step 3/6: sampling responses and ranking them")
+    policy = PaLM.from_pretrained(sft_dir)
     k, new = settings.responses_per_prompt, settings.response_tokens
     if human is None:
         groups = label_samples(policy, tok, train_prompts, k, new, seed=seed)
@@ -190,19 +241,21 @@ def run_demo(
         groups = rank_by_people(policy, tok, train_prompts, k, new, seed, out, human)
     # Held-out accuracy is measured against the rule either way: with people ranking, it says
     # how far their preferences and the rule (the demo's yardstick) agree.
-    heldout_groups = label_samples(policy, tok, heldout_prompts, k, new, seed=seed + 1)
+    heldout_groups = label_samples(
+        policy, tok, heldout_prompts * settings.heldout_groups_per_prompt, k, new, seed=seed + 1
+    )
     if len(groups) < 2:
         raise ValueError(
             f"only {len(groups)} rankings of {len(train_prompts)} prompts order anything; "
-            + ("rank more" if human else "pretrain longer (all samples tie)")
+            + ("rank more" if human else "train longer (all samples tie)")
         )
     timings["label_s"] = time.perf_counter() - began - sum(timings.values())
 
-    # step 3. reward model, trained on the rankings only
-    log(f"step 3/5: training the reward model on {len(groups)} ranked groups")
+    # step 4. reward model, trained on the rankings only
+    log(f"step 4/6: training the reward model on {len(groups)} ranked groups")
     seq_len = 192
     train_reward(
-        base_dir,
+        sft_dir,  # from the SFT model, as in InstructGPT
         out / "rankings.jsonl",
         TrainConfig(
             data=str(out / "rankings.jsonl"),
@@ -232,9 +285,12 @@ def run_demo(
     )
     timings["reward_s"] = time.perf_counter() - began - sum(timings.values())
 
-    # step 4. PPO
-    log(f"step 4/5: PPO against the reward model (held-out accuracy {rm_accuracy:.2f})")
-    before_score, before_texts = rule_eval(policy, tok, eval_prompts, new, None, seed + 2)
+    # step 5. PPO from the SFT policy (also its reference: adapters off)
+    log(f"step 5/6: PPO against the reward model (held-out accuracy {rm_accuracy:.2f})")
+    pretrained = PaLM.from_pretrained(base_dir)
+    before_score, before_texts = rule_eval(pretrained, tok, eval_prompts, new, None, seed + 2)
+    sft_score, _ = rule_eval(policy, tok, eval_prompts, new, None, seed + 2)
+    del pretrained
     trainer = PPOTrainer(
         policy,
         tok,
@@ -253,8 +309,8 @@ def run_demo(
             adaptive_kl=True,
             kl_target=6.0,
             kl_horizon=40,
-            # Responses are fixed-length continuations of source code, which rarely end a
-            # document: the rule ignores an unfinished last line, so no eos penalty either.
+            # The rule ignores an unfinished last line, so an unfinished body is no worse
+            # than a finished one there: no eos penalty either.
             no_eos_penalty=float("nan"),
             seed=seed,
         ),
@@ -264,8 +320,8 @@ def run_demo(
     ppo_history = trainer.train(settings.ppo_iterations, time_limit_s=settings.ppo_budget_s)
     timings["ppo_s"] = time.perf_counter() - began - sum(timings.values())
 
-    # step 5. before/after on held-out prompts
-    log("step 5/5: evaluating on held-out prompts")
+    # step 6. before/after on held-out prompts
+    log("step 6/6: evaluating on held-out prompts")
     after_score, after_texts = rule_eval(policy, tok, eval_prompts, new, "actor", seed + 2)
     policy.save_pretrained(out / "policy")  # with its "actor" adapter
     _, heldout_metrics, _ = trainer.rollout(heldout_prompts)
@@ -282,19 +338,23 @@ def run_demo(
         "labeler": "people (ranking page)" if human else "simulated (labeler.py rule)",
         "reward_model_heldout_accuracy": rm_accuracy,
         "rule_score_before": before_score,
+        "rule_score_sft": sft_score,
         "rule_score_after": after_score,
         "rule_score_ratio": after_score / before_score if before_score else float("nan"),
-        "rule_eval_prompts": len(eval_prompts),
+        "rule_eval_prompts": len(heldout_prompts),
+        "rule_eval_samples": len(eval_prompts),
         "heldout_kl_to_reference": heldout_metrics["kl_ref"],
         "heldout_reward_score_after": heldout_metrics["score_mean"],
         # Steps each stage ran: fewer than asked means its time budget stopped it.
         "steps_run": {
             "pretrain": int(base_dir.name.removeprefix("step_")),
+            "sft": int(sft_dir.name.removeprefix("step_")),
             "reward": int(reward_dir.name.removeprefix("step_")),
             "ppo": len(ppo_history),
         },
         "steps_asked": {
             "pretrain": settings.pretrain_steps,
+            "sft": settings.sft_steps,
             "reward": settings.reward_steps,
             "ppo": settings.ppo_iterations,
         },
@@ -330,8 +390,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"({summary['ranked_groups']} ranked groups)"
     )
     print(
-        f"rule score before -> after PPO: {summary['rule_score_before']:.3f} -> "
-        f"{summary['rule_score_after']:.3f}"
+        f"rule score pretrained -> SFT -> PPO: {summary['rule_score_before']:.3f} -> "
+        f"{summary['rule_score_sft']:.3f} -> {summary['rule_score_after']:.3f}"
     )
     print(f"KL to reference (held-out)    : {summary['heldout_kl_to_reference']:.3f} nats")
     for sample in summary["samples"]:

@@ -4,8 +4,8 @@ import struct
 
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.cli import main
-from palm_rlhf.demo import SETTINGS, rule_eval
-from palm_rlhf.labeler import stdlib_prompts
+from palm_rlhf.demo import SETTINGS, demo_prompts, rule_eval
+from palm_rlhf.docstrings import stdlib_docstring_pairs
 from palm_rlhf.train_state import TrainingCheckpoints
 
 
@@ -25,10 +25,21 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     # from the wrong model, split or seed, or counts that disagree with the files).
     rankings = (out / "rankings.jsonl").read_text().splitlines()
     assert summary["ranked_groups"] == len(rankings) >= 2
-    prompts = stdlib_prompts(settings.eval_prompts, "heldout", 1)
+    _, _, prompts = demo_prompts(settings, 1)
+    heldout_files = {p.prompt for p in stdlib_docstring_pairs(10_000, "heldout")}
+    assert set(prompts) <= heldout_files  # evaluation only on held-out files' prompts
     base = PaLM.from_pretrained(TrainingCheckpoints(out / "pretrain" / "checkpoints").latest())
     before, _ = rule_eval(base, tok, prompts, settings.response_tokens, None, 1 + 2)
     assert summary["rule_score_before"] == before
+    sft = PaLM.from_pretrained(TrainingCheckpoints(out / "sft" / "checkpoints").latest())
+    assert (
+        summary["rule_score_sft"]
+        == rule_eval(sft, tok, prompts, settings.response_tokens, None, 3)[0]
+    )
+    sft_rows = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
+    assert len(sft_rows) == settings.sft_examples
+    assert not {r["prompt"] for r in sft_rows} & heldout_files
+    assert not {r["prompt"] for r in sft_rows} & {json.loads(x)["prompt"] for x in rankings}
     after, texts = rule_eval(
         PaLM.from_pretrained(out / "policy"), tok, prompts, settings.response_tokens, "actor", 3
     )
@@ -44,6 +55,7 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
         == summary["steps_asked"]
         == {
             "pretrain": settings.pretrain_steps,
+            "sft": settings.sft_steps,
             "reward": settings.reward_steps,
             "ppo": settings.ppo_iterations,
         }
@@ -54,7 +66,10 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     assert png_size(out / "ppo_curves.png") == (800, 600)
     assert summary["machine"]["cpu"] and summary["seed"] == 1
     printed = capsys.readouterr().out
-    assert f"{summary['rule_score_before']:.3f} -> {summary['rule_score_after']:.3f}" in printed
+    assert (
+        f"{summary['rule_score_before']:.3f} -> {summary['rule_score_sft']:.3f} -> "
+        f"{summary['rule_score_after']:.3f}" in printed
+    )
 
     # A second demo into the same directory would mix two runs: refused, nothing touched.
     stamp = (out / "summary.json").stat().st_mtime_ns
