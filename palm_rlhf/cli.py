@@ -503,10 +503,11 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="the whole RLHF pipeline on the built-in corpus",
-        description="Pretrain a tiny PaLM on the stdlib corpus, rank its samples with a "
-        "simulated labeler, train a reward model on the rankings, run PPO against it, and "
-        "report before/after figures on held-out prompts (about 13 minutes on 2 CPU cores; "
-        "--smoke takes seconds).",
+        description="Pretrain a tiny PaLM on the stdlib corpus, fine-tune it on docstring -> "
+        "body pairs (SFT), rank its samples with a simulated labeler (or people, --human), "
+        "train a reward model on the rankings, run PPO against it, and report the rule score "
+        "after pretraining, SFT and PPO on held-out files' prompts (about 13 minutes on 2 CPU "
+        "cores; --smoke takes seconds).",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
