@@ -92,27 +92,23 @@ def load_preferences(path: str | Path, aggregate: str = "none") -> PreferenceDat
     if aggregate not in AGGREGATE_CHOICES:
         raise ValueError(f"aggregate must be one of {AGGREGATE_CHOICES}, got {aggregate!r}")
     path = Path(path)
-    data = _read_bytes(path)
-    text = _decode_utf8(path, data)
-    records = list(_parse_jsonl_reporting_torn_tail(path, text))
-    skipped: Counter[str] = Counter()
+    text = _decode_utf8(path, _read_bytes(path))
     last_line = text.count("\n") + 1
     cut_off = bool(text) and not text.endswith("\n")
+    records = list(_parse_jsonl_reporting_torn_tail(path, text, last_line if cut_off else 0))
+    skipped: Counter[str] = Counter()
     if cut_off and records and records[-1][0] == last_line and "submission_id" in records[-1][1]:
         # A log row whose newline never reached the disk was never acknowledged (the labeling
         # server answers only after the whole line is synced).
         records.pop()
         skipped["unacknowledged_last_row"] += 1
-    retracted = _retracted_ids(path, records)
+    records, retracted = drop_retracted(path, records)
+    if retracted:
+        skipped["retracted"] = retracted
     groups: list[PreferenceGroup] = []
     task_of: list[str | None] = []  # per group, for aggregation
     ratings: list[RatedExample] = []
     for lineno, obj in records:
-        if "retracts" in obj:
-            continue
-        if obj.get("submission_id") in retracted:
-            skipped["retracted"] += 1
-            continue
         kind = _detect(f"{path}:{lineno}", obj)
         if kind == "rating":
             ratings.append(_read_rating(path, lineno, obj))
@@ -136,12 +132,20 @@ def load_preferences(path: str | Path, aggregate: str = "none") -> PreferenceDat
     return PreferenceData(groups, ratings, dict(skipped))
 
 
-def _parse_jsonl_reporting_torn_tail(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """`PreferenceData.skipped` for people: '2 not rankable, 1 retracted' ('' when none)."""
+    return ", ".join(f"{count} {why.replace('_', ' ')}" for why, count in skipped.items())
+
+
+def _parse_jsonl_reporting_torn_tail(
+    path: Path, text: str, torn_line: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """_parse_jsonl; an error on `torn_line` (the last line, without a newline; 0: none) says
+    it is a torn write."""
     try:
         yield from _parse_jsonl(path, text)
     except ValueError as error:
-        last = len(text.splitlines())
-        if text and not text.endswith("\n") and f"{path}:{last}:" in str(error):
+        if torn_line and f"{path}:{torn_line}:" in str(error):
             raise ValueError(
                 f"{error}; it is the last line and has no newline: a torn write from a crash. "
                 "Opening the log with `palm-rlhf label` moves it aside"
@@ -149,21 +153,29 @@ def _parse_jsonl_reporting_torn_tail(path: Path, text: str) -> Iterator[tuple[in
         raise
 
 
-def _retracted_ids(path: Path, records: list[tuple[int, dict[str, Any]]]) -> set[str]:
-    seen: set[str] = set()
-    retracted: set[str] = set()
+def drop_retracted(
+    path: Path, records: list[tuple[int, dict[str, Any]]]
+) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """The records without retraction rows (`{"retracts": submission_id}`, appended by undo on
+    the ranking page) and without the rankings they retract, and how many those were. A
+    retraction must name an earlier ranking that is still in force (errors name file:line)."""
+    kept: list[tuple[int, dict[str, Any]]] = []
+    position: dict[str, int] = {}  # submission_id -> index into kept, while in force
+    dropped: set[int] = set()
     for lineno, obj in records:
         if "retracts" in obj:
             target = obj["retracts"]
-            if not isinstance(target, str) or target not in seen:
+            if not isinstance(target, str) or target not in position:
                 raise ValueError(
-                    f"{path}:{lineno}: retracts {target!r}, which no earlier row's "
-                    "submission_id names"
+                    f"{path}:{lineno}: retracts {target!r}, which names no earlier ranking "
+                    "still in force"
                 )
-            retracted.add(target)
+            dropped.add(position.pop(target))
+            continue
         if isinstance(obj.get("submission_id"), str):
-            seen.add(obj["submission_id"])
-    return retracted
+            position[obj["submission_id"]] = len(kept)
+        kept.append((lineno, obj))
+    return [record for i, record in enumerate(kept) if i not in dropped], len(dropped)
 
 
 def _aggregate(

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .preferences import (
     PreferenceData,
     PreferenceGroup,
+    describe_skipped,
     encode_groups,
     encode_ratings,
     load_preferences,
@@ -261,7 +262,7 @@ def train_reward(
 
     # step 2. data: split by prompt (groups and ratings together) into train / held-out
     prefs = data if isinstance(data, PreferenceData) else load_preferences(data, aggregate)
-    skipped = ", ".join(f"{count} {why.replace('_', ' ')}" for why, count in prefs.skipped.items())
+    skipped = describe_skipped(prefs.skipped)
     if skipped and accelerator.is_main_process:
         print(f"{data}: skipped records that carry no ordering: {skipped}", flush=True)
     train_groups, heldout_groups, train_ratings = split_preferences(

@@ -147,7 +147,7 @@ def test_label_stats_and_export_read_the_log(tmp_path, policy, capsys):
     assert set(pairs[0]) == {"prompt", "chosen", "rejected"}
     by_prompt = {t.prompt: t.responses for t in tasks}
     assert all({p["chosen"], p["rejected"]} <= set(by_prompt[p["prompt"]]) for p in pairs)
-    assert "skipped: 2 not_rankable" in capsys.readouterr().out
+    assert "skipped: 2 not rankable" in capsys.readouterr().out
 
 
 def test_reward_trains_on_the_log_as_written(tmp_path, policy, capsys):

@@ -117,6 +117,13 @@ def test_a_retraction_of_nothing_is_an_error_naming_the_line(tmp_path):
     path.write_text(json.dumps({"retracts": "nope", "submission_id": "x"}) + "\n")
     with pytest.raises(ValueError, match="r.jsonl:1: retracts 'nope'"):
         load_preferences(path)
+    # The training reader and `label stats` share one rule: a ranking is undone at most once.
+    rows = [row(submission("s1")), {"retracts": "s1", "submission_id": "u1"},
+            {"retracts": "s1", "submission_id": "u2"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for reader in (load_preferences, read_log):
+        with pytest.raises(ValueError, match="r.jsonl:3: retracts 's1'"):
+            reader(path)
 
 
 def test_tasks_round_trip_and_bad_task_files_name_the_line(tmp_path):

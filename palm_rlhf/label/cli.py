@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import threading
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..preferences import AGGREGATE_CHOICES, parse_ranking
+from ..preferences import AGGREGATE_CHOICES, describe_skipped, parse_ranking
+from .log import cut_torn_tail
 from .stats import summarise
-from .tasks import MAX_RESPONSES, Task, load_tasks, sample_tasks, write_tasks
+from .tasks import MAX_RESPONSES, Task, append_tasks, load_tasks, sample_tasks, write_tasks
 
 
 def add_sample_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -218,7 +216,7 @@ def run_export(args: argparse.Namespace) -> None:
                     row = {"prompt": group.prompt, "chosen": better, "rejected": worse}
                     lines.append(json.dumps(row, ensure_ascii=False))
     write_bytes_atomic(args.export_out, "".join(line + "\n" for line in lines).encode())
-    skipped = ", ".join(f"{n} {why}" for why, n in data.skipped.items()) or "none"
+    skipped = describe_skipped(data.skipped) or "none"
     print(f"wrote {len(lines)} pairs from {len(data.groups)} rankings to {args.export_out} "
           f"(skipped: {skipped})")  # fmt: skip
 
@@ -292,15 +290,11 @@ class BackgroundSampler(threading.Thread):
             while self.next_index < len(self.records) and not self.stop.is_set():
                 chunk = self.records[self.next_index : self.next_index + self.chunk]
                 tasks = _sample(self.args, chunk, self.next_index)
-                # Written (and synced) before any labeler can be served them, so a task that
-                # was ranked is always in the file a restart reads.
-                with open(self.args.tasks_path, "a", encoding="utf-8") as handle:
-                    handle.write("".join(json.dumps(asdict(t)) + "\n" for t in tasks))
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                # In the file before any labeler can be served them, so a task that was
+                # ranked is always in the file a restart reads.
+                append_tasks(tasks, self.args.tasks_path)
                 self.session.add_tasks(tasks)
                 self.next_index += len(chunk)
-                time.sleep(0)
 
 
 def start_background_sampling(args: argparse.Namespace, log: Any) -> tuple[Any, Any]:
@@ -311,9 +305,7 @@ def start_background_sampling(args: argparse.Namespace, log: Any) -> tuple[Any, 
     args.tasks_path = Path(f"{args.out}.tasks.jsonl")
     existing = []
     if args.tasks_path.exists():
-        data = args.tasks_path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a kill mid-write: those tasks were never served
-            os.truncate(args.tasks_path, data.rfind(b"\n") + 1)
+        if cut_torn_tail(args.tasks_path):  # a kill mid-write: those tasks were never served
             print(f"warning: {args.tasks_path}: cut a torn last line", file=sys.stderr)
         if args.tasks_path.stat().st_size:
             existing = load_tasks(args.tasks_path)

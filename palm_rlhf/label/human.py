@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..palm import PaLM
-from ..preferences import PreferenceGroup, load_preferences
+from ..preferences import PreferenceGroup, describe_skipped, load_preferences
 from ..prompts import PromptRecord
 from ..tokenizer import Tokenizer
 from .log import RankingLog
@@ -66,6 +66,6 @@ def rank_by_people(
     if not ranked:
         raise ValueError(f"no rankings were submitted to {out_dir / 'rankings.jsonl'}")
     data = load_preferences(out_dir / "rankings.jsonl")
-    skipped = ", ".join(f"{n} {why}" for why, n in data.skipped.items())
-    announce(f"{len(data.groups)} rankings to train on; skipped: {skipped or 'none'}")
+    skipped = describe_skipped(data.skipped) or "none"
+    announce(f"{len(data.groups)} rankings to train on; skipped: {skipped}")
     return data.groups

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import _parse_jsonl
-from ..preferences import parse_ranking
+from ..preferences import drop_retracted, parse_ranking
 from .tasks import Task
 
 
@@ -130,14 +130,25 @@ def read_log(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     lines = text.split("\n")
     if lines[-1]:
         print(f"warning: {path}:{len(lines)}: torn last line left out", file=sys.stderr)
-    rows: dict[str, tuple[int, dict[str, Any]]] = {}
-    for lineno, row in _log_rows(path, "\n".join(lines[:-1])):
-        if "retracts" in row:
-            if rows.pop(row["retracts"], None) is None:
-                raise ValueError(f"{path}:{lineno}: retracts {row['retracts']!r}, no such ranking")
-        else:
-            rows[row["submission_id"]] = (lineno, row)
-    return list(rows.values())
+    rows, _ = drop_retracted(path, list(_log_rows(path, "\n".join(lines[:-1]))))
+    return rows
+
+
+def cut_torn_tail(path: Path, keep: Path | None = None) -> tuple[int, bytes] | None:
+    """Cut a last line that lacks its newline (a write a crash interrupted) off the file,
+    after appending it (synced) to `keep` if given, so nothing is lost; return its line
+    number and bytes, or None when the file ends with a whole line."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    if keep is not None:
+        with open(keep, "ab") as side:
+            side.write(data[cut:] + b"\n")
+            side.flush()
+            os.fsync(side.fileno())
+    os.truncate(path, cut)
+    return data.count(b"\n") + 1, data[cut:]
 
 
 class RankingLog:
@@ -167,19 +178,12 @@ class RankingLog:
     # --------------------------------------------------------------------- opening
 
     def _repair_torn_tail(self) -> str | None:
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
+        torn = cut_torn_tail(self.path, keep=Path(f"{self.path}.torn"))
+        if torn is None:
             return None
-        cut = data.rfind(b"\n") + 1
-        torn = data[cut:]
-        with open(f"{self.path}.torn", "ab") as side:
-            side.write(torn + b"\n")
-            side.flush()
-            os.fsync(side.fileno())
-        os.truncate(self.path, cut)
-        line = data.count(b"\n") + 1
+        line, data = torn
         return (
-            f"{self.path}:{line}: torn last line ({len(torn)} bytes without a newline, left by "
+            f"{self.path}:{line}: torn last line ({len(data)} bytes without a newline, left by "
             f"a crash mid-write; never acknowledged) moved to {self.path}.torn"
         )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,9 +115,21 @@ def sample_tasks(
     return tasks
 
 
+def _task_lines(tasks: Sequence[Task]) -> bytes:
+    return "".join(json.dumps(asdict(task)) + "\n" for task in tasks).encode()  # ASCII escapes
+
+
 def write_tasks(tasks: Sequence[Task], path: str | Path) -> None:
-    lines = [json.dumps(asdict(task)) for task in tasks]  # ASCII escapes: see label.log
-    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(path, _task_lines(tasks))
+
+
+def append_tasks(tasks: Sequence[Task], path: str | Path) -> None:
+    """Add tasks to the end of a tasks file, synced before returning (labelers may be served
+    them next, so a restart must find them)."""
+    with open(path, "ab") as handle:
+        handle.write(_task_lines(tasks))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_tasks(path: str | Path) -> list[Task]:
