@@ -86,7 +86,7 @@ def build_ours(c, args, learn_times):
 
     from palm_rlhf import PaLM, PaLMConfig
     from palm_rlhf.config import PPOConfig
-    from palm_rlhf.ppo import PPOTrainer
+    from palm_rlhf.rl.ppo import PPOTrainer
     from palm_rlhf.reward import RewardModel
     from palm_rlhf.tokenizer import ByteTokenizer
 

@@ -438,7 +438,7 @@ def read_prompts(spec: str, num_prompts: int | None) -> list[str]:
 def run_ppo(args: argparse.Namespace) -> None:
     from .config import PPOConfig
     from .plot import write_ppo_curves
-    from .ppo import PPOTrainer
+    from .rl.ppo import PPOTrainer
     from .reward import RewardModel
     from .runs import claim_run_dir, read_metrics
 

@@ -304,7 +304,7 @@ def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO fine-tuning settings (`palm_rlhf.ppo.PPOTrainer`). Defaults follow "The N
+    """PPO fine-tuning settings (`palm_rlhf.rl.ppo.PPOTrainer`). Defaults follow "The N
     Implementation Details of RLHF with PPO" (Huang et al.) scaled to toy models."""
 
     rollout_batch_size: int = 16

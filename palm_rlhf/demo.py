@@ -32,7 +32,7 @@ from .label.human import HumanLabeling, rank_by_people
 from .labeler import label_samples, rule_score, sample_completions, write_rankings
 from .palm import PaLM
 from .plot import write_ppo_curves
-from .ppo import PPOTrainer
+from .rl.ppo import PPOTrainer
 from .reward import RewardConfig, RewardModel
 from .runs import claim_run_dir
 from .tokenizer import ByteTokenizer, Tokenizer

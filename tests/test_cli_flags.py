@@ -23,7 +23,7 @@ import palm_rlhf.cli as cli
 import palm_rlhf.demo
 import palm_rlhf.label.cli
 import palm_rlhf.label.server
-import palm_rlhf.ppo
+import palm_rlhf.rl.ppo
 import palm_rlhf.reward
 import palm_rlhf.train_state
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
@@ -235,7 +235,7 @@ def recorder(monkeypatch):
     monkeypatch.setattr(cli, "generate", record("generate"))
     monkeypatch.setattr(TRAIN_LM, "train_lm", record("train_lm"))
     monkeypatch.setattr(TRAIN_REWARD, "train_reward", record("train_reward"))
-    monkeypatch.setattr(palm_rlhf.ppo, "PPOTrainer", FakeTrainer)
+    monkeypatch.setattr(palm_rlhf.rl.ppo, "PPOTrainer", FakeTrainer)
     monkeypatch.setattr(palm_rlhf.demo, "run_demo", record("run_demo"))
     monkeypatch.setattr(palm_rlhf.reward.RewardModel, "forward", fake_forward)
     monkeypatch.setattr(palm_rlhf.label.cli, "sample_tasks", record("sample_tasks"))
@@ -307,4 +307,4 @@ def test_every_config_field_a_loop_receives_is_read_by_it():
     unread = config_readers(reward, TrainConfig)
     # The reward loop reads `data` as its own argument; the rest it does not use are refused.
     assert sorted(unread) == sorted(["data", *TRAIN_REWARD.NOT_FOR_REWARD])
-    assert config_readers(inspect.getsource(palm_rlhf.ppo), PPOConfig) == []
+    assert config_readers(inspect.getsource(palm_rlhf.rl.ppo), PPOConfig) == []

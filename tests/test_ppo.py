@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig
-from palm_rlhf.ppo import PPOTrainer, accumulation_divisors
+from palm_rlhf.rl.ppo import PPOTrainer, accumulation_divisors
 from palm_rlhf.reward import RewardConfig, RewardModel
 
 TOK = ByteTokenizer()
@@ -112,7 +112,7 @@ def test_no_eos_penalty_replaces_the_score():
             config=config(no_eos_penalty=penalty, max_new_tokens=3),
             show_progress=False,
         )
-        scores = trainer.score(["a", "a"], ["a", "abc"], tokens, mask, rows)
+        scores = trainer.engine.score(["a", "a"], ["a", "abc"], tokens, mask, rows)[1]
         assert scores.tolist() == expected
     # In a real rollout the score sits at the last real response token and nothing after it
     # gets an advantage (checklist 7, 8).
@@ -169,7 +169,7 @@ def test_bad_arguments():
         config=config(),
         show_progress=False,
     )
-    with pytest.raises(ValueError, match="reward_fn returned 1 scores for 16"):
+    with pytest.raises(ValueError, match="reward function 'reward_fn' returned 1 scores for 16"):
         trainer.train(1)
 
 

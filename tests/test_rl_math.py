@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.generation import sampling_logprobs
-from palm_rlhf.rl_math import (
+from palm_rlhf.rl.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus_loss,

@@ -14,7 +14,7 @@ from conftest import tiny_model
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig
 from palm_rlhf.data import SFTDataset, TokenFile, build_token_file, resolve_corpus
-from palm_rlhf.ppo import PPOTrainer
+from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.preferences import PreferenceGroup, encode_groups
 from palm_rlhf.reward import RewardConfig, RewardModel
 from palm_rlhf.tokenizer import encode_prompt, pad_sequences
@@ -77,13 +77,13 @@ def test_ppo_scores_exactly_the_rows_reward_training_built(prompt, limit):
     trainer = trainer_for(model, max_prompt_tokens=64)
     prompt_row = encode_prompt(TOK, prompt, trainer.config.max_prompt_tokens)
     tokens, mask = sampled(responses, finished=[True, False])
-    rows, row_mask = trainer.reward_rows([prompt_row, prompt_row], tokens, mask)
+    rows, row_mask = trainer.engine.reward_rows([prompt_row, prompt_row], tokens, mask)
     assert torch.equal(rows, trained["tokens"]) and torch.equal(row_mask, trained["mask"])
     for row, keep in zip(rows, row_mask, strict=True):
         real = row[keep].tolist()
         assert real[0] == TOK.bos_id and real.count(TOK.bos_id) == 1
         assert real[-1] == TOK.eos_id and len(real) <= limit
-    scores = trainer.score([prompt] * 2, responses, tokens, mask, [prompt_row, prompt_row])
+    scores = trainer.engine.score([prompt] * 2, responses, tokens, mask, [prompt_row, prompt_row])[1]
     expected = model(trained["tokens"], trained["mask"], normalized=True)
     assert torch.equal(scores, expected)
 
@@ -95,10 +95,10 @@ def test_an_unfinished_response_is_scored_as_if_it_ended():
     trainer = trainer_for(model)
     row = encode_prompt(TOK, "x = 1\n", 16)
     tokens, mask = sampled(["y = 2\n", "y = 2\n"], finished=[True, False])
-    rows, row_mask = trainer.reward_rows([row, row], tokens, mask)
+    rows, row_mask = trainer.engine.reward_rows([row, row], tokens, mask)
     assert torch.equal(rows[0], rows[1]) and torch.equal(row_mask[0], row_mask[1])
     assert rows[1][row_mask[1]].tolist()[-1] == TOK.eos_id
-    scores = trainer.score(["x = 1\n"] * 2, ["y = 2\n"] * 2, tokens, mask, [row, row])
+    scores = trainer.engine.score(["x = 1\n"] * 2, ["y = 2\n"] * 2, tokens, mask, [row, row])[1]
     # Identical rows; the scores may differ in the last bit by batch position on some CPUs.
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-6)
 
@@ -127,7 +127,7 @@ def test_reward_training_records_its_length_and_ppo_cuts_to_it(tmp_path):
     trainer = trainer_for(model)
     tokens, mask = sampled(["aa"], finished=[False])
     prompt_row = encode_prompt(TOK, "q0: " + "z" * 30, 64)
-    rows, row_mask = trainer.reward_rows([prompt_row], tokens, mask)
+    rows, row_mask = trainer.engine.reward_rows([prompt_row], tokens, mask)
     trained = encode_groups([PreferenceGroup("q0: " + "z" * 30, ["aa", "b"], [0, 1])], TOK, 20)
     assert rows[0][row_mask[0]].tolist() == trained["tokens"][0][trained["mask"][0]].tolist()
     assert int(row_mask[0].sum()) == 20

@@ -34,7 +34,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from ..checkpoint import (
     WEIGHTS_NAME,
     flatten_state,
     load_safetensors,
@@ -52,34 +52,31 @@ from .checkpoint import (
     save_model_dir,
     unflatten_state,
 )
-from .config import LoRAConfig, PPOConfig
-from .generation import generate
-from .lora import lora_parameters, merge_lora, remove_lora
-from .palm import PaLM
-from .preferences import encode_reward_rows
-from .progress import progress_kwargs
-from .reward import RewardModel
+from ..config import LoRAConfig, PPOConfig
+from ..lora import lora_parameters, merge_lora, remove_lora
+from ..palm import PaLM
+from ..progress import progress_kwargs
+from ..prompts import PromptRecord
+from ..reward import RewardModel
+from ..runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from ..tokenizer import Tokenizer
+from ..train_lm import WindowSchedule
+from ..train_state import gather_rng_states, restore_rng_states
 from .rl_math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus_loss,
-    entropy_from_logits,
     gae_advantages,
     kl_penalty_rewards,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
-from .runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
-from .tokenizer import Tokenizer, encode_prompt
-from .train_lm import WindowSchedule
-from .train_state import gather_rng_states, restore_rng_states
+from .rollout import RewardFn, RewardSources, RolloutEngine, as_records, response_logits
 
 ACTOR, CRITIC = "actor", "critic"
 METRICS_NAME = "ppo_metrics.jsonl"
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 class ValueModel(nn.Module):
@@ -113,11 +110,6 @@ class Rollout(NamedTuple):
     kl: Tensor  # (b, n) per-token log-ratio to the reference
 
 
-def response_logits(logits: Tensor, prompt_len: int) -> Tensor:
-    """Logits (b, p + n, v) -> (b, n, v): the ones that predicted each response token."""
-    return logits[:, prompt_len - 1 : -1]
-
-
 class PPOTrainer:
     """PPO on one frozen base. `train(num_iterations)` returns per-iteration metric dicts."""
 
@@ -125,7 +117,7 @@ class PPOTrainer:
         self,
         policy: PaLM,
         tokenizer: Tokenizer,
-        prompts: Sequence[str],
+        prompts: Sequence[str | PromptRecord],
         reward_model: RewardModel | None = None,
         reward_fn: RewardFn | None = None,
         config: PPOConfig | None = None,
@@ -139,7 +131,7 @@ class PPOTrainer:
         if not prompts:
             raise ValueError("prompts is empty")
         self.config = config = config or PPOConfig()
-        self.tokenizer, self.prompts = tokenizer, list(prompts)
+        self.tokenizer, self.prompts = tokenizer, as_records(prompts)
         self.reward_model, self.reward_fn = reward_model, reward_fn
         self.accelerator = accelerator or Accelerator()
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -210,103 +202,50 @@ class PPOTrainer:
         self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1_000_003 * (rank + 1))
         self.history: list[dict[str, Any]] = []
+        self.engine = RolloutEngine(
+            policy,
+            self.reference,
+            self.actor_scope,
+            tokenizer,
+            RewardSources(
+                reward_model=reward_model,
+                functions=(("reward_fn", reward_fn, 1.0),) if reward_fn is not None else (),
+            ),
+            self.generator,
+            max_new_tokens=config.max_new_tokens,
+            max_prompt_tokens=config.max_prompt_tokens,
+            temperature=config.temperature,
+            no_eos_penalty=config.no_eos_penalty,
+            score_clip=config.score_clip,
+        )
 
     # ----------------------------------------------------------------------------- rollout
 
-    def reward_rows(
-        self, prompt_rows: list[list[int]], response_tokens: Tensor, response_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The reward model's input for sampled responses: tokens (b, n) and mask (b, n), built
-        by `encode_completion` from the ids the policy saw and sampled (prompt rows without
-        their bos, responses without their eos), cut to the model's training length."""
-        eos = self.tokenizer.eos_id
-        pairs = []
-        for prompt, tokens, mask in zip(prompt_rows, response_tokens, response_mask, strict=True):
-            if not prompt or prompt[0] != self.tokenizer.bos_id:
-                raise ValueError("prompt rows must start with bos (tokenizer.encode_prompt)")
-            response = tokens[mask].tolist()
-            if response and response[-1] == eos:
-                response = response[:-1]
-            pairs.append((prompt[1:], response))
-        limit = self.reward_model.max_row_len if self.reward_model is not None else None
-        if limit is None:
-            raise ValueError("reward_rows needs a reward model")
-        return encode_reward_rows(self.tokenizer, pairs, limit)
-
     @torch.no_grad()
-    def score(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        response_tokens: Tensor,
-        response_mask: Tensor,
-        prompt_rows: list[list[int]],
-    ) -> Tensor:
-        """Scores (b,) of prompt + response, on the policy's device; responses without eos get
-        no_eos_penalty instead (unless it is nan)."""
-        config, device = self.config, response_tokens.device
-        if self.reward_fn is not None:
-            values = [float(s) for s in self.reward_fn(prompts, responses)]
-            if len(values) != len(prompts):
-                raise ValueError(
-                    f"reward_fn returned {len(values)} scores for {len(prompts)} responses"
-                )
-            raw = torch.tensor(values, device=device)
-        else:
-            tokens, mask = self.reward_rows(prompt_rows, response_tokens, response_mask)
-            rm_device = self.reward_model.head.weight.device
-            raw = self.reward_model(tokens.to(rm_device), mask.to(rm_device), normalized=True)
-        raw = raw.float().to(device)
-        if config.score_clip > 0:
-            raw = raw.clamp(-config.score_clip, config.score_clip)
-        ended = (response_tokens == self.tokenizer.eos_id).any(dim=1)
-        if not math.isnan(config.no_eos_penalty):
-            raw = torch.where(ended, raw, torch.full_like(raw, config.no_eos_penalty))
-        return raw
-
-    @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> tuple[Rollout, dict[str, float], Tensor]:
+    def rollout(self, prompts: list[PromptRecord]) -> tuple[Rollout, dict[str, float], Tensor]:
         """Steps 1-4 of an iteration. Returns the rollout, its metrics and the epoch-0 order."""
-        config, tok = self.config, self.tokenizer
-        device = self.policy.token_emb.weight.device
+        config = self.config
         self.policy.eval()
         self.critic.eval()
-        # step 1. generate (left-padded prompts, KV cache, sampling unfiltered)
-        prompt_rows = [encode_prompt(tok, p, config.max_prompt_tokens) for p in prompts]
-        out = generate(
-            self.policy,
-            prompt_rows,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-            generator=self.generator,
-            lora_scope=self.actor_scope,
-        )
-        response_mask = out.mask
-        responses = [tok.decode(t[m]) for t, m in zip(out.tokens, response_mask, strict=True)]
-        # step 2. score
-        scores = self.score(prompts, responses, out.tokens, response_mask, prompt_rows)
+        # steps 1-2. generate (left-padded prompts, KV cache, sampling unfiltered) and score
+        samples = self.engine.sample(prompts)
         # step 3. old/reference log-probs and values, in epoch 0's minibatches
-        sequences = torch.cat((out.prompt_tokens, out.tokens), dim=1).to(device)
-        sequence_mask = torch.cat((out.prompt_mask, response_mask), dim=1).to(device)
-        p, b = out.prompt_tokens.shape[1], len(prompts)
+        p, b = samples.prompt_len, len(prompts)
         order = torch.randperm(b, generator=self.shuffle_generator)
-        old_logprobs = torch.zeros(response_mask.shape, device=device)
-        ref_logprobs, values = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
+        trajectory = self.engine.logprobs(samples, order, config.minibatch_size)
+        sequences, sequence_mask = samples.sequences, samples.sequence_mask
+        values = torch.zeros_like(trajectory.old_logprobs)
         for chunk in order.split(config.minibatch_size):
-            seq, seq_mask = sequences[chunk], sequence_mask[chunk]
-            old_logprobs[chunk] = self._policy_logprobs(seq, seq_mask, p, self.actor_scope)[0]
-            ref_logprobs[chunk] = logprobs_from_logits(
-                response_logits(self.reference(seq, mask=seq_mask), p),
-                seq[:, p:],
-                config.temperature,
-            )
-            values[chunk] = response_logits(self.critic(seq, seq_mask)[..., None], p)[..., 0]
+            critic_out = self.critic(sequences[chunk], sequence_mask[chunk])[..., None]
+            values[chunk] = response_logits(critic_out, p)[..., 0]
         # step 4. rewards, advantages
-        mask = response_mask.to(device)
+        mask, scores = samples.response_mask, samples.scores
         rewards, kl = kl_penalty_rewards(
-            old_logprobs, ref_logprobs, mask, scores.to(device), self.kl_controller.value
+            trajectory.old_logprobs,
+            trajectory.ref_logprobs,
+            mask,
+            scores,
+            self.kl_controller.value,
         )
         advantages, returns = gae_advantages(values, rewards, mask, config.gamma, config.lam)
         if config.whiten_advantages:
@@ -315,12 +254,12 @@ class PPOTrainer:
             sequences,
             sequence_mask,
             mask,
-            old_logprobs,
-            ref_logprobs,
+            trajectory.old_logprobs,
+            trajectory.ref_logprobs,
             values,
             advantages,
             returns,
-            scores.to(device),
+            scores,
             kl,
         )
         lengths = mask.sum(dim=1).float()
@@ -328,19 +267,10 @@ class PPOTrainer:
             "score_mean": scores.mean().item(),
             "kl_ref": kl.sum(dim=1).mean().item(),
             "response_len": lengths.mean().item(),
-            "eos_rate": (out.tokens == tok.eos_id).any(dim=1).float().mean().item(),
+            "eos_rate": samples.ended.float().mean().item(),
             "kl_coef": self.kl_controller.value,
         }
         return rollout, self._mean_over_processes(metrics), order
-
-    def _policy_logprobs(
-        self, seq: Tensor, seq_mask: Tensor, prompt_len: int, scope: str | None
-    ) -> tuple[Tensor, Tensor]:
-        logits = response_logits(self.policy(seq, mask=seq_mask, lora_scope=scope), prompt_len)
-        return (
-            logprobs_from_logits(logits, seq[:, prompt_len:], self.config.temperature),
-            entropy_from_logits(logits, self.config.temperature),
-        )
 
     # ----------------------------------------------------------------------------- learning
 
@@ -360,7 +290,7 @@ class PPOTrainer:
             for index, chunk in enumerate(chunks):
                 seq, seq_mask = rollout.sequences[chunk], rollout.sequence_mask[chunk]
                 mask = rollout.response_mask[chunk]
-                logprobs, entropy = self._policy_logprobs(seq, seq_mask, p, self.actor_scope)
+                logprobs, entropy = self.engine.policy_logprobs(seq, seq_mask, p, entropy=True)
                 policy_loss, policy_stats = ppo_policy_loss(
                     logprobs,
                     rollout.old_logprobs[chunk],
