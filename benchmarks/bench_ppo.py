@@ -86,8 +86,8 @@ def build_ours(c, args, learn_times):
 
     from palm_rlhf import PaLM, PaLMConfig
     from palm_rlhf.config import PPOConfig
-    from palm_rlhf.rl.ppo import PPOTrainer
     from palm_rlhf.reward import RewardModel
+    from palm_rlhf.rl.ppo import PPOTrainer
     from palm_rlhf.tokenizer import ByteTokenizer
 
     tok, n = ByteTokenizer(), c["prompt"] + c["new"]

@@ -5,8 +5,8 @@ from .generation import GenerationOutput, generate
 from .kv_cache import KVCache
 from .lora import add_lora, lora_parameters, merge_lora, remove_lora
 from .palm import PaLM, lm_loss
-from .rl.ppo import PPOTrainer
 from .reward import RewardConfig, RewardModel, pairwise_loss, ranking_loss
+from .rl.ppo import PPOTrainer
 from .tokenizer import ByteTokenizer, Tokenizer, pad_sequences
 from .train_lm import train_lm
 from .train_reward import train_reward

@@ -438,8 +438,8 @@ def read_prompts(spec: str, num_prompts: int | None) -> list[str]:
 def run_ppo(args: argparse.Namespace) -> None:
     from .config import PPOConfig
     from .plot import write_ppo_curves
-    from .rl.ppo import PPOTrainer
     from .reward import RewardModel
+    from .rl.ppo import PPOTrainer
     from .runs import claim_run_dir, read_metrics
 
     for name in ("iterations", "checkpoint_every"):

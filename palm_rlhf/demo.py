@@ -32,8 +32,8 @@ from .label.human import HumanLabeling, rank_by_people
 from .labeler import label_samples, rule_score, sample_completions, write_rankings
 from .palm import PaLM
 from .plot import write_ppo_curves
-from .rl.ppo import PPOTrainer
 from .reward import RewardConfig, RewardModel
+from .rl.ppo import PPOTrainer
 from .runs import claim_run_dir
 from .tokenizer import ByteTokenizer, Tokenizer
 from .train_lm import train_lm

@@ -23,8 +23,8 @@ import palm_rlhf.cli as cli
 import palm_rlhf.demo
 import palm_rlhf.label.cli
 import palm_rlhf.label.server
-import palm_rlhf.rl.ppo
 import palm_rlhf.reward
+import palm_rlhf.rl.ppo
 import palm_rlhf.train_state
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig

@@ -15,8 +15,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig, generate
 from palm_rlhf.config import PPOConfig, TrainConfig
-from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.train_lm import train_lm
 from palm_rlhf.train_reward import train_reward
 

@@ -6,8 +6,8 @@ from conftest import tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig
-from palm_rlhf.rl.ppo import PPOTrainer, accumulation_divisors
 from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.ppo import PPOTrainer, accumulation_divisors
 
 TOK = ByteTokenizer()
 PROMPTS = [f"p{i}:" for i in range(64)]

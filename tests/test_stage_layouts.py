@@ -14,9 +14,9 @@ from conftest import tiny_model
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig
 from palm_rlhf.data import SFTDataset, TokenFile, build_token_file, resolve_corpus
-from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.preferences import PreferenceGroup, encode_groups
 from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.tokenizer import encode_prompt, pad_sequences
 from palm_rlhf.train_reward import train_reward
 
@@ -83,7 +83,9 @@ def test_ppo_scores_exactly_the_rows_reward_training_built(prompt, limit):
         real = row[keep].tolist()
         assert real[0] == TOK.bos_id and real.count(TOK.bos_id) == 1
         assert real[-1] == TOK.eos_id and len(real) <= limit
-    scores = trainer.engine.score([prompt] * 2, responses, tokens, mask, [prompt_row, prompt_row])[1]
+    scores = trainer.engine.score([prompt] * 2, responses, tokens, mask, [prompt_row, prompt_row])[
+        1
+    ]
     expected = model(trained["tokens"], trained["mask"], normalized=True)
     assert torch.equal(scores, expected)
 

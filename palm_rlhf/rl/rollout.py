@@ -163,7 +163,9 @@ class RolloutEngine:
         )
         mask = out.mask
         ended = (out.tokens == tok.eos_id).any(dim=1)
-        responses = [tok.decode(t[m & (t != tok.eos_id)]) for t, m in zip(out.tokens, mask)]
+        responses = [
+            tok.decode(t[m & (t != tok.eos_id)]) for t, m in zip(out.tokens, mask, strict=True)
+        ]
         parts, scores = self.score(records, responses, out.tokens, mask, prompt_rows)
         device = self.policy.token_emb.weight.device
         group = torch.arange(len(records) // group_size, device=device).repeat_interleave(

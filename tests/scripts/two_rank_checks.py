@@ -24,8 +24,8 @@ from accelerate import Accelerator
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig
-from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.reward import RewardConfig
+from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.train_lm import train_lm
 from palm_rlhf.train_reward import train_reward
 
