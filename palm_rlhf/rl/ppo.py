@@ -31,10 +31,8 @@ the same number of processes replays the uninterrupted one.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,14 +41,6 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import (
-    WEIGHTS_NAME,
-    flatten_state,
-    load_safetensors,
-    read_json,
-    save_model_dir,
-    unflatten_state,
-)
 from ..config import LoRAConfig, PPOConfig
 from ..lora import lora_parameters, merge_lora, remove_lora
 from ..palm import PaLM
@@ -60,7 +50,6 @@ from ..reward import RewardModel
 from ..runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
 from ..tokenizer import Tokenizer
 from ..train_lm import WindowSchedule
-from ..train_state import gather_rng_states, restore_rng_states
 from .rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -73,6 +62,13 @@ from .rl_math import (
     ppo_value_loss,
 )
 from .rollout import RewardFn, RewardSources, RolloutEngine, as_records, response_logits
+from .run_state import (
+    accumulation_divisors,
+    average_gradients,
+    load_rl_state,
+    mean_over_processes,
+    save_rl_state,
+)
 
 ACTOR, CRITIC = "actor", "critic"
 METRICS_NAME = "ppo_metrics.jsonl"
@@ -333,37 +329,14 @@ class PPOTrainer:
         return self._mean_over_processes(means)
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Each metric averaged over processes (every rank gets the same numbers), so what is
-        logged, and the KL the adaptive controller sees, describe the whole batch."""
-        if self.accelerator.num_processes == 1:
-            return metrics
-        out = {}
-        # A worst case stays a worst case: "_max_" metrics take the maximum over processes.
-        for reduction in ("mean", "max"):
-            keys = sorted(k for k in metrics if ("_max_" in k) == (reduction == "max"))
-            if not keys:
-                continue
-            values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
-            if reduction == "mean":
-                values = self.accelerator.reduce(values, reduction="mean")
-            else:
-                values = self.accelerator.gather(values[None]).amax(dim=0)
-            out.update(zip(keys, values.tolist(), strict=True))
-        return out
+        """What is logged, and the KL the adaptive controller sees, describe the whole batch."""
+        return mean_over_processes(metrics, self.accelerator)
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _average_gradients(self) -> None:
-        """Average gradients over processes before every optimizer step, so each rank's actor
-        and critic stay identical (the predecessor's adapters drifted apart under DDP). Only
-        the adapters and value head train, so an explicit all-reduce of those small tensors
-        replaces a DDP wrapper around a model whose scopes are used by turns."""
-        if self.accelerator.num_processes == 1:
-            return
-        for param in self._trainable():
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            param.grad = self.accelerator.reduce(grad, reduction="mean")
+        average_gradients(self._trainable(), self.accelerator)
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -375,82 +348,43 @@ class PPOTrainer:
         )
         return state
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"generator": self.generator, "shuffle": self.shuffle_generator}
+
     def save(self, directory: str | Path) -> None:
-        """Everything needed to continue exactly: trained adapters (or the full policy), the
-        critic's adapter and head, optimizer, KL controller, iteration, and every process's RNG
-        states (torch, CUDA, the sampling and shuffling generators). The frozen base is not
-        saved: it is the checkpoint the run started from. A collective: call on every rank."""
-        accelerator = self.accelerator
-        rng = gather_rng_states(accelerator)
-        for name, generator in (("generator", self.generator), ("shuffle", self.shuffle_generator)):
-            state = generator.get_state()[None].to(accelerator.device)
-            rng[name] = accelerator.gather(state).cpu()
-        if accelerator.is_main_process:
-            tensors, skeleton = flatten_state(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "kl": self.kl_controller.state_dict(),
-                    "iteration": self.iteration,
-                    "num_processes": accelerator.num_processes,
-                    **rng,
-                }
-            )
-            save_model_dir(
-                directory,
-                self._trainable_state(),
-                {"ppo_config.json": asdict(self.config), "ppo_state.json": skeleton},
-                {"ppo_state.safetensors": tensors},
-            )
-        accelerator.wait_for_everyone()
+        """Everything needed to continue exactly (`run_state.save_rl_state`): trained adapters
+        (or the full policy), the critic's adapter and head, optimizer, KL controller,
+        iteration and every process's RNG states. A collective: call on every rank."""
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "kl": self.kl_controller.state_dict(),
+            "iteration": self.iteration,
+        }
+        save_rl_state(
+            directory,
+            "ppo",
+            self.accelerator,
+            self.config,
+            self._trainable_state(),
+            state,
+            self._generators(),
+        )
 
     def load(self, directory: str | Path) -> None:
         """Restore a `save` directory into a trainer built the same way (same base policy,
         reward model or function, config and number of processes). Metric lines logged after
         the saved iteration are dropped from ppo_metrics.jsonl, so none appears twice."""
-        directory = Path(directory)
-        if not (directory / "ppo_state.json").is_file():
-            raise FileNotFoundError(f"{directory}: no PPO state to resume (ppo_state.json)")
-        saved_config = read_json(directory / "ppo_config.json")
-        if saved_config != json.loads(json.dumps(asdict(self.config))):
-            raise ValueError(f"{directory}: saved with a different PPOConfig: {saved_config}")
-        weights = load_safetensors(directory / WEIGHTS_NAME)
-        current = self._trainable_state()
-        if set(weights) != set(current):
-            missing = sorted(set(current) - set(weights))
-            extra = sorted(set(weights) - set(current))
-            raise ValueError(
-                f"{directory}: trainable tensors differ (missing {missing}, unexpected {extra})"
-            )
-        state = unflatten_state(
-            read_json(directory / "ppo_state.json"),
-            load_safetensors(directory / "ppo_state.safetensors"),
+        state = load_rl_state(
+            directory,
+            "ppo",
+            self.accelerator,
+            self.config,
+            self._trainable_state(),
+            self._generators(),
         )
-        if "shuffle" not in state:
-            raise ValueError(
-                f"{directory}: saved by an older palm_rlhf without per-process RNG states; "
-                "it cannot be resumed exactly, start a new run"
-            )
-        saved_world = state.get("num_processes", 1)
-        if saved_world != self.accelerator.num_processes:
-            raise ValueError(
-                f"{directory}: saved by {saved_world} processes, resuming with "
-                f"{self.accelerator.num_processes}; exact resume needs the same number"
-            )
-        with torch.no_grad():
-            for name, param in current.items():
-                param.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.load_state_dict(state["kl"])
         self.iteration = int(state["iteration"])
-        rank = self.accelerator.process_index
-        if state["generator"][rank].numel() != self.generator.get_state().numel():
-            raise ValueError(
-                f"{directory}: its sampling generator was saved on another kind of device "
-                f"(this run samples on {self.generator.device}); exact resume needs the same"
-            )
-        restore_rng_states(state, self.accelerator)
-        self.generator.set_state(state["generator"][rank].clone())
-        self.shuffle_generator.set_state(state["shuffle"][rank].clone())
         if self.out_dir is not None and self.accelerator.is_main_process:
             truncate_metrics(self.out_dir / METRICS_NAME, self.iteration, key="iteration")
         self._run_claimed = True  # a resumed run continues its own metrics file
@@ -520,17 +454,6 @@ class PPOTrainer:
             return
         claim_run_dir(self.out_dir, [METRICS_NAME], False, self.overwrite, self.accelerator)
         self._run_claimed = True
-
-
-def accumulation_divisors(num_minibatches: int, grad_accum: int) -> list[int]:
-    """What each minibatch's loss is divided by: the size of the accumulation group it falls
-    in. Groups hold grad_accum minibatches; the last group of an epoch may hold fewer, and is
-    averaged over the ones it has, so every optimizer step takes a mean gradient."""
-    sizes = []
-    for index in range(num_minibatches):
-        start = index - index % grad_accum
-        sizes.append(min(grad_accum, num_minibatches - start))
-    return sizes
 
 
 def normalized_head(reward_model: RewardModel) -> nn.Linear:

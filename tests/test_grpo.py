@@ -1,0 +1,296 @@
+"""GRPOTrainer: the critic-free loop on one process (two processes: test_multiprocess.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.prompts import PromptRecord
+from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.configs import GRPOConfig
+from palm_rlhf.rl.grpo import GRPOTrainer
+
+TOK = ByteTokenizer()
+PROMPTS = [f"p{i}:" for i in range(64)]
+
+
+def policy_model(seed: int = 0) -> PaLM:
+    return tiny_model(seed=seed, num_tokens=TOK.vocab_size, max_seq_len=64)
+
+
+def share_of_a(prompts, responses, **columns):
+    """Dense toy reward: the share of 'a' among the response's characters."""
+    return [r.count("a") / max(1, len(r)) for r in responses]
+
+
+def even_bytes(prompts, responses, **columns):
+    """A reward that differs between almost any two responses."""
+    return [sum(ord(c) % 2 == 0 for c in r) / max(1, len(r)) for r in responses]
+
+
+def config(**overrides) -> GRPOConfig:
+    values = dict(
+        prompts_per_iteration=4,
+        group_size=4,
+        minibatch_size=8,
+        max_new_tokens=8,
+        lr=1e-2,
+        no_eos_penalty=float("nan"),
+        seed=0,
+    )
+    return GRPOConfig(**{**values, **overrides})
+
+
+def trainer_for(reward_fns=(share_of_a,), prompts=PROMPTS, out_dir=None, **overrides):
+    return GRPOTrainer(
+        policy_model(),
+        TOK,
+        prompts,
+        reward_fns=reward_fns,
+        config=config(**overrides),
+        show_progress=False,
+        out_dir=out_dir,
+    )
+
+
+def test_first_ratio_is_exactly_one_and_metrics_and_samples_are_logged(tmp_path):
+    trainer = GRPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_fns=[("share_of_a", share_of_a, 2.0)],
+        config=config(log_samples=3),
+        out_dir=tmp_path,
+        show_progress=False,
+    )
+    history = trainer.train(2)
+    for metrics in history:
+        assert metrics["first_ratio_max_dev"] == 0.0
+        for key in (
+            "score_mean",
+            "score_std",
+            "reward_share_of_a_mean",
+            "reward_share_of_a_std",
+            "clip_frac_low",
+            "clip_frac_high",
+            "kl_ref",
+            "kl_k3",
+            "response_len",
+            "groups_uninformative",
+            "policy_loss",
+        ):
+            assert math.isfinite(metrics[key]), key
+        # The score is the weighted sum: 2 x the function's value.
+        assert metrics["score_mean"] == pytest.approx(2 * metrics["reward_share_of_a_mean"])
+    lines = (tmp_path / "grpo_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
+    sample_lines = (tmp_path / "grpo_samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in sample_lines]
+    assert len(samples) == 6 and {"prompt", "response", "score"} <= set(samples[0])
+
+
+def test_grpo_raises_a_simple_reward():
+    trainer = trainer_for(prompts_per_iteration=8, group_size=8, minibatch_size=32, lr=3e-2)
+    history = trainer.train(12)
+    first = sum(m["score_mean"] for m in history[:3]) / 3
+    last = sum(m["score_mean"] for m in history[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(estimator="grpo", loss_type="grpo", scale_rewards="group"),
+        dict(estimator="grpo", loss_type="dapo", scale_rewards="batch", clip_high=0.28),
+        dict(estimator="grpo", loss_type="dr_grpo", scale_rewards="none"),
+        dict(estimator="grpo", loss_type="gspo", clip=3e-4, clip_high=4e-4),
+        dict(estimator="rloo"),
+        dict(estimator="reinforce_pp", group_size=1, minibatch_size=4),
+        dict(estimator="reinforce_pp_baseline", grad_accum=2, minibatch_size=4),
+    ],
+)
+def test_every_estimator_and_aggregation_trains(overrides):
+    trainer = trainer_for(reward_fns=[even_bytes], **overrides)
+    before = [p.detach().clone() for p in trainer.optimizer.param_groups[0]["params"]]
+    history = trainer.train(2)
+    assert all(math.isfinite(m["policy_loss"]) for m in history)
+    after = trainer.optimizer.param_groups[0]["params"]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_kl_coef_zero_runs_no_reference_pass(monkeypatch):
+    trainer = trainer_for(kl_coef=0.0)
+    calls = []
+    original = trainer.policy.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("lora_scope"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.policy, "forward", spy)
+    metrics = trainer.step()
+    # Every full forward runs the actor scope: none ran the base alone (the reference).
+    assert calls and all(scope == "actor" for scope in calls)
+    assert metrics["kl_ref"] == 0.0 and "kl_k3" not in metrics
+    trainer_with_kl = trainer_for(kl_coef=0.1)
+    calls.clear()
+    monkeypatch.setattr(trainer_with_kl.policy, "forward", spy)
+    trainer_with_kl.step()
+    assert None in calls
+
+
+def test_reward_functions_receive_the_prompt_rows_extra_fields():
+    seen = {}
+
+    def exact(prompts, responses, answer, source):
+        seen["answer"], seen["source"], seen["prompts"] = answer, source, prompts
+        return [float(r == a) for r, a in zip(responses, answer, strict=True)]
+
+    records = [PromptRecord(f"q{i}", {"answer": str(i), "source": "s"}) for i in range(8)]
+    records.append(PromptRecord("q8", {"answer": "8"}))  # a row without "source": None
+    trainer = trainer_for(reward_fns=[exact], prompts=records, prompts_per_iteration=9)
+    trainer.step()
+    # Each response comes with its own prompt's fields, group_size times in a row.
+    for prompt, answer, source in zip(seen["prompts"], seen["answer"], seen["source"], strict=True):
+        record = next(r for r in records if r.prompt == prompt)
+        assert answer == record.fields["answer"] and source == record.fields.get("source")
+    assert None in seen["source"]
+
+
+def test_a_function_that_cannot_take_the_fields_gets_a_clear_error():
+    records = [PromptRecord(f"q{i}", {"answer": "1"}) for i in range(4)]
+    trainer = trainer_for(reward_fns=[lambda p, r: [0.0] * len(r)], prompts=records)
+    with pytest.raises(TypeError, match=r"extra fields \['answer'\]"):
+        trainer.step()
+
+
+def test_reward_model_and_function_mix_with_weights():
+    torch.manual_seed(1)
+    trunk = PaLM(
+        PaLMConfig(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    )
+    model = RewardModel(trunk, RewardConfig(lora_rank=0))
+    trainer = GRPOTrainer(
+        policy_model(),
+        TOK,
+        PROMPTS,
+        reward_model=model,
+        reward_model_weight=0.5,
+        reward_fns=[("share_of_a", share_of_a, 3.0)],
+        config=config(),
+        show_progress=False,
+    )
+    samples, _ = trainer.collect()
+    parts = samples.reward_parts
+    assert trainer.engine.rewards.names == ["reward_model", "share_of_a"]
+    torch.testing.assert_close(samples.scores, 0.5 * parts[:, 0] + 3.0 * parts[:, 1])
+    assert torch.equal(parts[:, 1], torch.tensor(share_of_a(None, samples.responses)))
+
+
+def constant_for_even_prompts(prompts, responses, **columns):
+    """All-equal rewards (uninformative groups) for even-numbered prompts, all-distinct ones
+    for odd-numbered prompts."""
+    return [1.0 if int(p[1:-1]) % 2 == 0 else float(i) for i, p in enumerate(prompts)]
+
+
+def test_dynamic_sampling_keeps_only_informative_groups():
+    trainer = trainer_for(reward_fns=[constant_for_even_prompts], dynamic_sampling=True)
+    samples, metrics = trainer.collect()
+    assert len(samples.prompts) == 4 * 4
+    assert all(int(p[1:-1]) % 2 == 1 for p in samples.prompts)
+    # Two rounds of 4 prompts were drawn; the even ones among them were dropped.
+    assert metrics["sampling_rounds"] == 2 and metrics["groups_topped_up"] == 0
+    assert trainer.prompt_cursor == 8
+    drawn = [int(PROMPTS[i][1:-1]) for i in trainer.prompt_schedule.items(0, 8)]
+    assert metrics["groups_dropped"] == pytest.approx(sum(n % 2 == 0 for n in drawn) / 8)
+    # The kept groups are the first informative ones, in the order they were drawn.
+    odd = [f"p{n}:" for n in drawn if n % 2 == 1][:4]
+    assert samples.prompts[::4] == odd
+
+
+def test_dynamic_sampling_tops_up_at_the_cap():
+    always_one = lambda prompts, responses: [1.0] * len(responses)  # noqa: E731
+    trainer = trainer_for(reward_fns=[always_one], dynamic_sampling=True, max_sampling_rounds=3)
+    samples, metrics = trainer.collect()
+    assert len(samples.prompts) == 16  # the batch is always full
+    assert metrics["sampling_rounds"] == 3 and metrics["groups_topped_up"] == 4
+    assert metrics["groups_dropped"] == 1.0
+    trainer.step()  # zero advantages everywhere: a step that changes nothing but still runs
+
+
+def never_ending(trainer: GRPOTrainer) -> None:
+    """Make the policy never choose eos, so every response is truncated."""
+
+    def hook(module, inputs, output):
+        output[..., TOK.eos_id] = -1e4
+        return output
+
+    trainer.policy.register_forward_hook(hook)
+
+
+def test_mask_truncated_leaves_truncated_responses_out_of_the_loss():
+    trainer = trainer_for(mask_truncated=True, kl_coef=0.0)
+    never_ending(trainer)
+    before = [p.detach().clone() for p in trainer.optimizer.param_groups[0]["params"]]
+    metrics = trainer.step()
+    assert metrics["eos_rate"] == 0.0 and metrics["policy_loss"] == 0.0
+    after = trainer.optimizer.param_groups[0]["params"]
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_overlong_penalty_is_added_to_the_scores():
+    zero = lambda prompts, responses: [0.0] * len(responses)  # noqa: E731
+    trainer = trainer_for(reward_fns=[zero], overlong_buffer=4, overlong_penalty=2.0)
+    never_ending(trainer)
+    samples, _ = trainer.collect()
+    # Every response has all 8 tokens: the full penalty, -2.
+    assert samples.response_mask.sum(dim=1).eq(8).all()
+    assert samples.scores.eq(-2.0).all()
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    def build():
+        return trainer_for(loss_type="dapo", dynamic_sampling=True, out_dir=tmp_path / "run")
+
+    straight = build()
+    straight.train(2)
+    straight.save(tmp_path / "state")
+    expected = straight.train(2)
+    resumed = build()
+    resumed.load(tmp_path / "state")
+    assert resumed.iteration == 2
+    got = resumed.train(2)
+    assert got == expected
+    for a, b in zip(
+        straight._trainable_state().values(), resumed._trainable_state().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    # The metrics file holds each iteration once.
+    lines = (tmp_path / "run" / "grpo_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    trainer = trainer_for()
+    trainer.train(1)
+    trainer.save(tmp_path / "state")
+    with pytest.raises(ValueError, match="different GRPOConfig"):
+        trainer_for(group_size=2).load(tmp_path / "state")
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="estimator"):
+        GRPOConfig(estimator="ppo")
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOConfig(loss_type="token")
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(estimator="rloo", group_size=1)
+    with pytest.raises(ValueError, match="minibatch_size"):
+        GRPOConfig(prompts_per_iteration=2, group_size=2, minibatch_size=8)
+    with pytest.raises(ValueError, match="distinct names"):
+        trainer_for(reward_fns=[share_of_a, share_of_a])
+    with pytest.raises(ValueError, match="reward model, at least one reward function"):
+        trainer_for(reward_fns=[])
