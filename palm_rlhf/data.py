@@ -397,7 +397,7 @@ class SFTDataset(Dataset):
         for lineno, obj in _parse_jsonl(path, text):
             prompt = tokenizer.encode(_string_field(path, lineno, obj, "prompt"))
             response = tokenizer.encode(_string_field(path, lineno, obj, "response"))
-            self.examples.append(_sft_example(tokenizer, prompt, response, max_seq_len))
+            self.examples.append(sft_example(tokenizer, prompt, response, max_seq_len))
         if not self.examples:
             raise ValueError(f"{path}: no examples")
 
@@ -412,9 +412,12 @@ class SFTDataset(Dataset):
         }
 
 
-def _sft_example(
+def sft_example(
     tokenizer: Tokenizer, prompt: list[int], response: list[int], max_seq_len: int
 ) -> tuple[list[int], list[bool]]:
+    """The policy's row for one (prompt, response), as `SFTDataset` documents it: (tokens,
+    loss_mask). The one owner of this layout: SFT trains on it and DPO scores responses on it.
+    `prompt` and `response` hold token ids without bos or eos."""
     if len(response) + 2 > max_seq_len:
         response = response[: max_seq_len - 1]
         return [tokenizer.bos_id, *response], [False] + [True] * len(response)

@@ -57,3 +57,21 @@ def test_time_limit_is_decided_once_for_all_ranks(ranks):
     # Rank 1's clock says the limit passed after step 1; rank 0's says it did not. Rank 0
     # decides, so both train all 4 steps (disagreeing ranks would hang in a collective).
     assert [r["lm_last_step"] for r in ranks] == [4, 4]
+
+
+def test_two_process_grpo_stays_in_step_and_resumes_exactly(ranks):
+    # Dynamic sampling, batch-std advantages and DAPO's token normaliser all cross processes:
+    # every rank logs the same metrics and ends with the same adapter.
+    assert ranks[0]["grpo_history"] == ranks[1]["grpo_history"]
+    assert ranks[0]["grpo_param_sums"] == ranks[1]["grpo_param_sums"]
+    assert any(".adapters.actor." in k for k in ranks[0]["grpo_param_sums"])
+    assert ranks[0]["grpo_prompts"] != ranks[1]["grpo_prompts"]  # each rank its own prompts
+    for rank in ranks:
+        assert rank["grpo_resumed"] == rank["grpo_straight"]
+
+
+def test_two_process_dpo_logs_the_same_numbers_on_every_rank(ranks):
+    assert [r["step"] for r in ranks[0]["dpo_history"]] == [1, 2, 3, 4]
+    assert ranks[0]["dpo_history"] == ranks[1]["dpo_history"]
+    assert "eval_reward_accuracy" in ranks[0]["dpo_history"][-1]
+    assert ranks[0]["dpo_adapter_sum"] != 0.0  # the adapter trained (B starts at zero)

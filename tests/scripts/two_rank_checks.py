@@ -25,6 +25,9 @@ from accelerate import Accelerator
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig
 from palm_rlhf.reward import RewardConfig
+from palm_rlhf.rl.configs import GRPOConfig
+from palm_rlhf.rl.dpo import train_dpo
+from palm_rlhf.rl.grpo import GRPOTrainer
 from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.train_lm import train_lm
 from palm_rlhf.train_reward import train_reward
@@ -89,6 +92,81 @@ def ppo_trainer(accelerator: Accelerator, **overrides) -> PPOTrainer:
     )
 
 
+def grpo_trainer(accelerator: Accelerator) -> GRPOTrainer:
+    torch.manual_seed(0)
+    config = GRPOConfig(
+        prompts_per_iteration=4,
+        group_size=4,
+        minibatch_size=8,
+        max_new_tokens=6,
+        lr=1e-2,
+        no_eos_penalty=float("nan"),
+        loss_type="dapo",
+        scale_rewards="batch",
+        dynamic_sampling=True,
+    )
+    return GRPOTrainer(
+        PaLM(PaLMConfig(**SMALL)),
+        TOK,
+        [f"p{i}" for i in range(32)],
+        reward_fns=[lambda prompts, responses: [len(r) % 3 / 2 for r in responses]],
+        config=config,
+        accelerator=accelerator,
+        show_progress=False,
+    )
+
+
+def grpo_checks(out: Path, accelerator: Accelerator, result: dict) -> None:
+    straight = grpo_trainer(accelerator)
+    result["grpo_history"] = straight.train(2)
+    straight.save(out / "grpo_state")
+    result["grpo_straight"] = straight.train(2)
+    state = straight._trainable_state()
+    result["grpo_param_sums"] = {k: v.detach().double().sum().item() for k, v in state.items()}
+    resumed = grpo_trainer(accelerator)
+    resumed.load(out / "grpo_state")
+    result["grpo_resumed"] = resumed.train(2)
+    # What this rank sampled: the ranks must draw different prompts and responses.
+    samples, _ = resumed.collect()
+    result["grpo_prompts"] = samples.prompts
+
+
+def dpo_checks(out: Path, accelerator: Accelerator, result: dict) -> None:
+    if accelerator.is_main_process:
+        torch.manual_seed(0)
+        PaLM(PaLMConfig(**SMALL)).save_pretrained(out / "dpo_init")
+        with open(out / "prefs.jsonl", "w") as handle:
+            for i in range(40):
+                responses = ["a" * (i % 5 + 1), "b" * (i % 3 + 1), "ab"]
+                record = {"prompt": f"q{i}", "responses": responses, "ranking": [0, [1, 2]]}
+                handle.write(json.dumps(record) + "\n")
+    accelerator.wait_for_everyone()
+    config = TrainConfig(
+        data=str(out / "prefs.jsonl"),
+        seq_len=16,
+        batch_size=2,
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=4,
+        checkpoint_every=2,
+    )
+    history = train_dpo(
+        out / "dpo_init",
+        out / "prefs.jsonl",
+        config,
+        out_dir=out / "dpo",
+        accelerator=accelerator,
+        show_progress=False,
+    )
+    result["dpo_history"] = history
+    final = PaLM.from_pretrained(out / "dpo")
+    result["dpo_adapter_sum"] = sum(
+        v.double().sum().item() for k, v in final.state_dict().items() if ".dpo." in k
+    )
+
+
 def time_limit_from_rank0(out: Path, accelerator: Accelerator) -> int:
     if accelerator.is_main_process:
         (out / "corpus").mkdir()
@@ -144,6 +222,9 @@ def main() -> None:
     resumed.load(out / "ppo_state")
     result["resumed"] = resumed.train(2)
     result["sampling_state"] = resumed.generator.get_state().double().sum().item()
+
+    grpo_checks(out, accelerator, result)
+    dpo_checks(out, accelerator, result)
 
     result["lm_last_step"] = time_limit_from_rank0(out, accelerator)
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
