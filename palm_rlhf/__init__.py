@@ -6,6 +6,9 @@ from .kv_cache import KVCache
 from .lora import add_lora, lora_parameters, merge_lora, remove_lora
 from .palm import PaLM, lm_loss
 from .reward import RewardConfig, RewardModel, pairwise_loss, ranking_loss
+from .rl.configs import DPOConfig, GRPOConfig
+from .rl.dpo import train_dpo
+from .rl.grpo import GRPOTrainer
 from .rl.ppo import PPOTrainer
 from .tokenizer import ByteTokenizer, Tokenizer, pad_sequences
 from .train_lm import train_lm
@@ -13,6 +16,9 @@ from .train_reward import train_reward
 
 __all__ = [
     "ByteTokenizer",
+    "DPOConfig",
+    "GRPOConfig",
+    "GRPOTrainer",
     "GenerationOutput",
     "KVCache",
     "LoRAConfig",
@@ -33,6 +39,7 @@ __all__ = [
     "pairwise_loss",
     "ranking_loss",
     "remove_lora",
+    "train_dpo",
     "train_lm",
     "train_reward",
 ]

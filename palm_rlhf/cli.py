@@ -17,6 +17,7 @@ from .generation import generate
 from .label.cli import add_label_parser, add_sample_parser
 from .palm import PaLM
 from .preferences import AGGREGATE_CHOICES
+from .rl.cli import add_dpo_parser, add_grpo_parser
 from .tokenizer import ByteTokenizer, encode_prompt
 
 
@@ -574,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_reward_parser(subparsers)
     add_score_parser(subparsers)
     add_ppo_parser(subparsers)
+    add_grpo_parser(subparsers)
+    add_dpo_parser(subparsers)
     add_demo_parser(subparsers)
     add_sample_parser(subparsers)
     add_label_parser(subparsers)

@@ -103,7 +103,10 @@ def _annotate_last(
 
 
 def ppo_figure(
-    history: Sequence[Mapping[str, float]], kl_target: float | None = None, title: str = "PPO"
+    history: Sequence[Mapping[str, float]],
+    kl_target: float | None = None,
+    title: str = "PPO",
+    stage: str = "ppo",
 ) -> Figure:
     """Build (but do not save) the two-panel PPO figure, 8 x 6 inches at 100 dpi.
 
@@ -133,8 +136,12 @@ def ppo_figure(
     # Markers as well as lines: a run of one iteration is a single point, invisible as a line.
     score_ax.plot(iterations, scores, "o-", color="tab:blue", ms=3, label="mean score")
     _annotate_last(score_ax, iterations, scores, "tab:blue")
-    score_ax.set_title("Reward-model score of each rollout")
-    score_ax.set_ylabel("mean reward-model score (normalised)")
+    if stage == "ppo":
+        score_ax.set_title("Reward-model score of each rollout")
+        score_ax.set_ylabel("mean reward-model score (normalised)")
+    else:  # critic-free trainers may score with functions, a reward model or both
+        score_ax.set_title("Score of each rollout (weighted sum of the rewards)")
+        score_ax.set_ylabel("mean score")
     score_ax.legend(loc="best")
 
     kl_ax.plot(iterations, kls, "o-", color="tab:red", ms=3, label="KL to reference")
@@ -145,7 +152,7 @@ def ppo_figure(
         )
     kl_ax.set_title("KL to the reference policy, and the KL coefficient β")
     kl_ax.set_ylabel("KL to reference (nats / response)")
-    kl_ax.set_xlabel("PPO iteration")
+    kl_ax.set_xlabel(f"{stage.upper()} iteration")
 
     # beta lives on its own scale (0.01..1) while KL is in nats (0..tens): a shared y axis
     # would flatten one of them.
@@ -177,9 +184,11 @@ def write_ppo_curves(
     out_dir: str | Path,
     kl_target: float | None = None,
     title: str = "PPO",
+    stage: str = "ppo",
 ) -> dict[str, str | None]:
     """Write `out_dir/ppo_curves.csv` always and `out_dir/ppo_curves.png` when matplotlib is
-    installed, both atomically.
+    installed, both atomically (stage="grpo": grpo_curves.csv/.png, for GRPOTrainer's history,
+    which has the same required keys).
 
     `history` is PPO's per-iteration metrics (`PPOTrainer.history`): each record needs
     "iteration", "score_mean", "kl_ref" and "kl_coef"; other numeric keys present in every
@@ -190,7 +199,8 @@ def write_ppo_curves(
     """
     _check_history(history)  # before writing anything: a bad history leaves no half output
     out_dir = Path(out_dir)
-    csv_path, png_path = out_dir / CSV_NAME, out_dir / PNG_NAME
+    csv_path = out_dir / CSV_NAME.replace("ppo", stage)
+    png_path = out_dir / PNG_NAME.replace("ppo", stage)
     write_bytes_atomic(csv_path, _csv_bytes(history))
     try:
         import matplotlib  # noqa: F401  (only to learn whether it is installed)
@@ -199,11 +209,11 @@ def write_ppo_curves(
             "csv": str(csv_path),
             "png": None,
             "message": (
-                f"matplotlib is not installed: {INSTALL_HINT} to get {PNG_NAME}; "
+                f"matplotlib is not installed: {INSTALL_HINT} to get {png_path.name}; "
                 f"the curve data is in {csv_path}"
             ),
         }
-    fig = ppo_figure(history, kl_target=kl_target, title=title)
+    fig = ppo_figure(history, kl_target=kl_target, title=title, stage=stage)
     buffer = io.BytesIO()
     # dpi given again: savefig would otherwise use the user's rcParams["savefig.dpi"].
     fig.savefig(buffer, format="png", dpi=DPI)

@@ -24,12 +24,15 @@ import palm_rlhf.demo
 import palm_rlhf.label.cli
 import palm_rlhf.label.server
 import palm_rlhf.reward
+import palm_rlhf.rl.dpo
+import palm_rlhf.rl.grpo
 import palm_rlhf.rl.ppo
 import palm_rlhf.train_state
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.config import PPOConfig, TrainConfig
 from palm_rlhf.label.tasks import Task, write_tasks
 from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.configs import DPOConfig, GRPOConfig
 
 # The package re-exports the functions train_lm and train_reward under their modules' names.
 TRAIN_LM = importlib.import_module("palm_rlhf.train_lm")
@@ -109,6 +112,15 @@ def base_commands(root) -> dict[str, list[str]]:
         "demo": ["demo", "--out", str(root / "o")],
         "sample": ["sample", "--policy", str(root / "policy"), "--out", str(root / "t.jsonl")],
         "label": ["label", "--tasks", str(root / "tasks.jsonl"), "--out", str(root / "r.jsonl")],
+        "grpo": [
+            "grpo", "--out", str(root / "o"), "--policy", str(root / "policy"),
+            "--prompts", str(root / "prompts.txt"),
+            "--reward-fn", "palm_rlhf.arithmetic:exact_match",
+        ],
+        "dpo": [
+            "dpo", "--out", str(root / "o"), "--init", str(root / "policy"),
+            "--data", str(root / "prefs.jsonl"),
+        ],
     }  # fmt: skip
 
 
@@ -152,7 +164,14 @@ SPECIAL = {
     "--heads": lambda root, sub: "2",
     "--dim-head": lambda root, sub: "16",
     "--rating-bins": lambda root, sub: "3",
+    "--reward-fn": lambda root, sub: "palm_rlhf.arithmetic:exact_match:2",
+    "--estimator": lambda root, sub: "rloo",
+    "--scale-rewards": lambda root, sub: "none",
+    "--loss-type": lambda root, sub: "dapo" if sub == "grpo" else "ipo",
+    "--clip": lambda root, sub: "0.3",
+    "--label-smoothing": lambda root, sub: "0.1",
 }
+CONFIGS = (TrainConfig, PaLMConfig, PPOConfig, RewardConfig, GRPOConfig, DPOConfig)
 
 
 def flag_value(action, root, sub):
@@ -167,7 +186,7 @@ def flag_value(action, root, sub):
         default = next(
             (
                 f.default
-                for cls in (TrainConfig, PaLMConfig, PPOConfig, RewardConfig)
+                for cls in CONFIGS
                 for f in dataclasses.fields(cls)
                 if f.name == action.dest
             ),
@@ -178,7 +197,7 @@ def flag_value(action, root, sub):
     if default is None:  # a dataclass field: the field's own default
         default = next(
             f.default
-            for cls in (TrainConfig, PaLMConfig, PPOConfig, RewardConfig)
+            for cls in CONFIGS
             for f in dataclasses.fields(cls)
             if f.name == action.dest and f.default is not dataclasses.MISSING
         )
@@ -215,7 +234,7 @@ def recorder(monkeypatch):
 
     class FakeTrainer:
         def __init__(self, *args, **kwargs):
-            calls.append(("PPOTrainer", normalise(args), normalise(kwargs)))
+            calls.append((type(self).__name__, normalise(args), normalise(kwargs)))
             self.iteration = 0
 
         def load(self, directory):
@@ -235,7 +254,9 @@ def recorder(monkeypatch):
     monkeypatch.setattr(cli, "generate", record("generate"))
     monkeypatch.setattr(TRAIN_LM, "train_lm", record("train_lm"))
     monkeypatch.setattr(TRAIN_REWARD, "train_reward", record("train_reward"))
-    monkeypatch.setattr(palm_rlhf.rl.ppo, "PPOTrainer", FakeTrainer)
+    monkeypatch.setattr(palm_rlhf.rl.ppo, "PPOTrainer", type("PPOTrainer", (FakeTrainer,), {}))
+    monkeypatch.setattr(palm_rlhf.rl.grpo, "GRPOTrainer", type("GRPOTrainer", (FakeTrainer,), {}))
+    monkeypatch.setattr(palm_rlhf.rl.dpo, "train_dpo", record("train_dpo"))
     monkeypatch.setattr(palm_rlhf.demo, "run_demo", record("run_demo"))
     monkeypatch.setattr(palm_rlhf.reward.RewardModel, "forward", fake_forward)
     monkeypatch.setattr(palm_rlhf.label.cli, "sample_tasks", record("sample_tasks"))
@@ -268,7 +289,20 @@ NEEDS_EXISTING_OUTPUT = {("sample", "--overwrite")}
 
 
 @pytest.mark.parametrize(
-    "sub", ["pretrain", "sft", "reward", "ppo", "generate", "score", "demo", "sample", "label"]
+    "sub",
+    [
+        "pretrain",
+        "sft",
+        "reward",
+        "ppo",
+        "grpo",
+        "dpo",
+        "generate",
+        "score",
+        "demo",
+        "sample",
+        "label",
+    ],
 )
 def test_every_flag_reaches_the_stage_or_is_refused_by_name(sub, files, recorder, capsys):
     parser_actions = {
@@ -308,3 +342,9 @@ def test_every_config_field_a_loop_receives_is_read_by_it():
     # The reward loop reads `data` as its own argument; the rest it does not use are refused.
     assert sorted(unread) == sorted(["data", *TRAIN_REWARD.NOT_FOR_REWARD])
     assert config_readers(inspect.getsource(palm_rlhf.rl.ppo), PPOConfig) == []
+    assert config_readers(inspect.getsource(palm_rlhf.rl.grpo), GRPOConfig) == []
+    assert config_readers(inspect.getsource(palm_rlhf.rl.dpo), DPOConfig) == []
+    dpo = inspect.getsource(palm_rlhf.rl.dpo) + helpers
+    # DPO, like the reward loop, takes its data as an argument (its source also says "..data").
+    unread = set(config_readers(dpo, TrainConfig)) - {"data"}
+    assert sorted(unread) == sorted(TRAIN_REWARD.NOT_FOR_REWARD)

@@ -1,0 +1,129 @@
+"""`palm-rlhf grpo` and `palm-rlhf dpo` end to end at toy size, the way a user runs them."""
+
+import json
+
+import pytest
+import torch
+
+from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.arithmetic import addition_problems, write_prompts
+from palm_rlhf.cli import main
+from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.cli import load_reward_fn, parse_reward_checkpoint
+from palm_rlhf.runs import read_metrics
+
+TOK = ByteTokenizer()
+TINY = dict(num_tokens=TOK.vocab_size, dim=16, depth=1, heads=2, dim_head=8, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl_cli")
+    torch.manual_seed(0)
+    PaLM(PaLMConfig(**TINY)).save_pretrained(root / "policy")
+    RewardModel(PaLM(PaLMConfig(**TINY)), RewardConfig()).save_pretrained(root / "rm")
+    write_prompts(root / "problems.jsonl", addition_problems(40, digits=2))
+    (root / "my_rewards.py").write_text(
+        "def brevity(prompts, responses, **fields):\n    return [-len(r) / 10 for r in responses]\n"
+    )
+    rows = [
+        {"prompt": f"q{i}", "responses": ["aa", "b", "ab"], "ranking": [0, [1, 2]]}
+        for i in range(30)
+    ]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+GRPO_FLAGS = [
+    "--prompts-per-iteration", "4", "--group-size", "4", "--minibatch-size", "8",
+    "--max-new-tokens", "4", "--log-samples", "1", "--no-eos-penalty", "nan",
+]  # fmt: skip
+
+
+def test_grpo_command_with_two_functions_and_a_reward_model_then_resume(files, tmp_path, capsys):
+    out = tmp_path / "grpo"
+    base = [
+        "grpo", "--policy", str(files / "policy"), "--prompts", str(files / "problems.jsonl"),
+        "--reward-fn", "palm_rlhf.arithmetic:exact_match",
+        "--reward-fn", f"{files / 'my_rewards.py'}:brevity:0.5",
+        "--reward", f"{files / 'rm'}:0.25", "--out", str(out), *GRPO_FLAGS,
+    ]  # fmt: skip
+    assert main([*base, "--iterations", "2"]) == 0
+    assert "done: iteration 2" in capsys.readouterr().out
+    history = read_metrics(out / "grpo_metrics.jsonl")
+    assert [m["iteration"] for m in history] == [1, 2]
+    for m in history:
+        # The score is the weighted sum of the three sources' means.
+        expected = (
+            m["reward_exact_match_mean"]
+            + 0.5 * m["reward_brevity_mean"]
+            + 0.25 * m["reward_reward_model_mean"]
+        )
+        assert m["score_mean"] == pytest.approx(expected, abs=1e-5)
+    assert (out / "grpo_curves.csv").is_file() and (out / "grpo_samples.jsonl").is_file()
+    assert "actor" in PaLM.from_pretrained(out / "policy").lora_configs
+    # --iterations is a total: --resume runs the third only.
+    assert main([*base, "--iterations", "3", "--resume"]) == 0
+    assert [m["iteration"] for m in read_metrics(out / "grpo_metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("palm_rlhf.arithmetic", "expected module:function"),
+        ("palm_rlhf.arithmetic:nope", "has no function 'nope'"),
+        ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+        ("palm_rlhf.arithmetic:exact_match:heavy", "weight 'heavy' is not a number"),
+        ("missing_file.py:f", "no such file"),
+    ],
+)
+def test_a_bad_reward_fn_is_refused_before_anything_is_written(
+    files, tmp_path, capsys, spec, message
+):
+    out = tmp_path / "never"
+    argv = [
+        "grpo", "--policy", str(files / "policy"), "--prompts", str(files / "problems.jsonl"),
+        "--reward-fn", spec, "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_grpo_needs_a_reward(files, tmp_path, capsys):
+    argv = ["grpo", "--policy", str(files / "policy"), "--prompts", str(files / "problems.jsonl"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    assert "--reward-fn or a --reward" in capsys.readouterr().err
+
+
+def test_reward_specs_parse():
+    name, fn, weight = load_reward_fn("palm_rlhf.arithmetic:exact_match:2.5")
+    assert name == "exact_match" and weight == 2.5
+    assert fn(["1+1="], ["2"], answer=["2"]) == [1.0]
+    assert parse_reward_checkpoint("runs/rm:0.5") == (parse_reward_checkpoint("runs/rm")[0], 0.5)
+    assert parse_reward_checkpoint("runs/rm")[1] == 1.0
+
+
+def test_dpo_command_trains_a_policy_other_stages_can_read(files, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    argv = [
+        "dpo", "--data", str(files / "prefs.jsonl"), "--init", str(files / "policy"),
+        "--out", str(out), "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+        "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "2", "--warmup-steps", "1",
+        "--loss-type", "plackett_luce", "--beta", "0.2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "done:" in capsys.readouterr().out
+    history = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in history] == [2, 4]
+    assert "eval_reward_accuracy" in history[-1]
+    saved = json.loads((out / "dpo_config.json").read_text())
+    assert saved["loss_type"] == "plackett_luce" and saved["beta"] == 0.2
+    # The run directory is a policy the other stages read, with its "dpo" adapter.
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "q1", "--lora-scope", "dpo",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    # A second fresh run into the same directory is refused; --resume continues it.
+    assert main(argv) == 2
+    assert main([*argv, "--resume", "--steps", "6"]) == 0
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [2, 4, 6]
