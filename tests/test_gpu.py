@@ -194,3 +194,28 @@ def test_readme_ddp_command_runs_one_process_per_gpu(tmp_path):
         done = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "processes=8" in done.stdout
+
+
+def test_one_grpo_iteration_on_the_gpu_with_a_reward_model_and_a_function():
+    # The critic-free trainer on CUDA: sampling generator on the device, reward model scores
+    # moved to the policy's device, the k3 term against the adapters-off reference.
+    from palm_rlhf import GRPOConfig, GRPOTrainer
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.manual_seed(0)
+    reward_model = RewardModel(PaLM(PaLMConfig(**SMALL)), RewardConfig(lora_rank=0))
+    trainer = GRPOTrainer(
+        PaLM(PaLMConfig(**SMALL)),
+        TOK,
+        [f"p{i}" for i in range(16)],
+        reward_model=reward_model,
+        reward_fns=[lambda prompts, responses: [r.count("a") / 8 for r in responses]],
+        config=GRPOConfig(prompts_per_iteration=4, group_size=4, minibatch_size=8,
+                          max_new_tokens=8, loss_type="dapo", dynamic_sampling=True),
+        show_progress=False,
+    )  # fmt: skip
+    assert trainer.generator.device.type == "cuda"
+    metrics = trainer.step()
+    assert metrics["first_ratio_max_dev"] == 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
