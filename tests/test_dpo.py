@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.config import TrainConfig
 from palm_rlhf.data import sft_example
 from palm_rlhf.preferences import PreferenceGroup, load_preferences
@@ -208,3 +208,57 @@ def test_bad_settings_are_named(init, data, tmp_path):
     ratings.write_text(json.dumps({"prompt": "q", "response": "a", "rating": 1}) + "\n")
     with pytest.raises(ValueError, match="no rankings or pairs"):
         train_dpo(init, ratings, config(ratings), out_dir=tmp_path / "r", show_progress=False)
+
+
+def test_dropout_stays_off_so_training_starts_at_the_reference(tmp_path, data):
+    # Bug caught: the policy trained with dropout while the cached reference had none, so the
+    # log-ratios were noise, not 0, at step 1.
+    torch.manual_seed(0)
+    config_ = PaLMConfig(
+        num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64,
+        dropout=0.5,
+    )  # fmt: skip
+    PaLM(config_).save_pretrained(tmp_path / "init")
+    history = train_dpo(
+        tmp_path / "init", data, config(data, steps=1, log_every=1), out_dir=tmp_path / "o",
+        show_progress=False,
+    )  # fmt: skip
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_dpo_starts_from_the_policy_an_adapter_checkpoint_holds(tmp_path, data):
+    # A PPO/GRPO policy carries its "actor" adapter: DPO merges it (the reference is that
+    # policy), for LoRA and for full fine-tuning, whose evaluation used to ask for "dpo".
+    torch.manual_seed(0)
+    start = PaLM(
+        PaLMConfig(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    )
+    start.add_lora("actor", LoRAConfig(rank=2, alpha=4))
+    with torch.no_grad():
+        for name, param in start.named_parameters():
+            if ".actor." in name:
+                param.normal_(0, 0.3)
+    start.save_pretrained(tmp_path / "ppo_policy")
+    group = load_preferences(data).groups[:2]
+    expected = response_logprobs(start.eval(), encode_policy_rows(group, TOK, 24), "actor")
+    for full in (False, True):
+        out = tmp_path / f"dpo_{full}"
+        run = config(data, steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+        history = train_dpo(
+            tmp_path / "ppo_policy", data, run, DPOConfig(full_finetune=full), out_dir=out,
+            show_progress=False,
+        )  # fmt: skip
+        assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+        assert "eval_reward_accuracy" in history[-1]
+    reference = reference_logprobs(PaLM.from_pretrained(tmp_path / "dpo_False"), group, TOK, 24, 2)
+    torch.testing.assert_close(torch.cat(reference), expected, rtol=0, atol=1e-5)
+
+
+def test_a_missing_init_or_bad_data_writes_nothing(tmp_path, init):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train_dpo(tmp_path / "nope", tmp_path / "x.jsonl", config("x"), out_dir=tmp_path / "a")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError):
+        train_dpo(init, bad, config(bad), out_dir=tmp_path / "b", show_progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

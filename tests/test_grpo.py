@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.prompts import PromptRecord
 from palm_rlhf.reward import RewardConfig, RewardModel
 from palm_rlhf.rl.configs import GRPOConfig
@@ -294,3 +294,50 @@ def test_bad_settings_are_named():
         trainer_for(reward_fns=[share_of_a, share_of_a])
     with pytest.raises(ValueError, match="reward model, at least one reward function"):
         trainer_for(reward_fns=[])
+
+
+def test_an_adapter_the_starting_checkpoint_carries_is_merged_not_ignored(tmp_path):
+    # Bug caught: `grpo --policy DPO_OUT` sampled from the bare base, the "dpo" adapter unused.
+    torch.manual_seed(3)
+    start = policy_model()
+    start.add_lora("dpo", LoRAConfig(rank=2, alpha=4))
+    with torch.no_grad():
+        for name, param in start.named_parameters():
+            if ".dpo." in name:
+                param.normal_(0, 0.5)
+    start.save_pretrained(tmp_path / "dpo_policy")
+    tokens = torch.tensor([[TOK.bos_id, 97, 98, 99]])
+    expected = start(tokens, lora_scope="dpo")
+    assert not torch.allclose(expected, start(tokens))  # the adapter matters
+    trainer = GRPOTrainer(
+        PaLM.from_pretrained(tmp_path / "dpo_policy"), TOK, PROMPTS, reward_fns=[share_of_a],
+        config=config(), show_progress=False,
+    )  # fmt: skip
+    # The policy (actor adapter still zero) and the reference (adapters off) are the DPO model.
+    torch.testing.assert_close(trainer.policy(tokens, lora_scope="actor"), expected)
+    torch.testing.assert_close(trainer.reference(tokens), expected)
+    two = policy_model()
+    two.add_lora("a", LoRAConfig(rank=2))
+    two.add_lora("b", LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"several adapter scopes \['a', 'b'\]"):
+        GRPOTrainer(two, TOK, PROMPTS, reward_fns=[share_of_a], config=config())
+
+
+def test_reward_function_errors_are_the_functions_own():
+    def broken(prompts, responses, answer):
+        return [len(None) for _ in responses]  # a TypeError inside the body
+
+    records = [PromptRecord(f"q{i}", {"answer": "1"}) for i in range(4)]
+    with pytest.raises(TypeError, match="NoneType"):
+        trainer_for(reward_fns=[broken], prompts=records).step()
+    clash = [PromptRecord(f"q{i}", {"responses": "x"}) for i in range(4)]
+    with pytest.raises(ValueError, match=r"fields named \['responses'\]"):
+        trainer_for(prompts=clash).step()
+
+
+def test_resume_refuses_other_reward_weights(tmp_path):
+    trainer = trainer_for(reward_fns=[("a", share_of_a, 1.0)])
+    trainer.train(1)
+    trainer.save(tmp_path / "state")
+    with pytest.raises(ValueError, match="same rewards and weights"):
+        trainer_for(reward_fns=[("a", share_of_a, 2.0)]).load(tmp_path / "state")

@@ -156,3 +156,12 @@ def test_the_three_aggregations_on_a_ragged_batch():
         aggregate_loss(PER_TOKEN, RAGGED, "dr_grpo")
     with pytest.raises(ValueError, match="loss_type"):
         aggregate_loss(PER_TOKEN, RAGGED, "token_mean")
+
+
+def test_a_response_without_loss_tokens_is_not_counted_by_the_sequence_mean():
+    # Row 2 was masked out (say, truncated with mask_truncated): grpo averages rows 0 and 1.
+    per_token = torch.cat((PER_TOKEN, tensor([[7.0, 7.0, 7.0, 7.0]])))
+    mask = torch.cat((RAGGED, torch.zeros(1, 4, dtype=torch.bool)))
+    assert aggregate_loss(per_token, mask, "grpo").item() == pytest.approx(2.5)
+    assert aggregate_loss(per_token, mask, "dapo").item() == pytest.approx(7 / 4)
+    assert aggregate_loss(per_token, torch.zeros_like(mask), "grpo").item() == 0.0

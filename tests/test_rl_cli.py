@@ -127,3 +127,22 @@ def test_dpo_command_trains_a_policy_other_stages_can_read(files, tmp_path, caps
     assert main(argv) == 2
     assert main([*argv, "--resume", "--steps", "6"]) == 0
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reward-fn", "palm_rlhf.arithmetic:exact_match"], "distinct names"),
+        (["--reward", "RM:nan"], "weight must be finite"),
+    ],
+)
+def test_grpo_refuses_before_touching_the_run_directory(files, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    extra = [e.replace("RM", str(files / "rm")) for e in extra]
+    argv = [
+        "grpo", "--policy", str(files / "policy"), "--prompts", str(files / "problems.jsonl"),
+        "--reward-fn", "palm_rlhf.arithmetic:exact_match", "--out", str(out), *extra,
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -129,14 +129,15 @@ def run_grpo(args: argparse.Namespace) -> None:
     from ..runs import claim_run_dir, read_metrics
     from ..tokenizer import ByteTokenizer
     from .configs import GRPOConfig
-    from .grpo import GRPOTrainer
+    from .grpo import GRPOTrainer, reward_functions
+    from .rollout import fold_policy_adapter
 
     if args.iterations < 1 or args.checkpoint_every < 0 or args.time_limit_s < 0:
         raise ValueError("--iterations must be >= 1, --checkpoint-every and --time-limit-s >= 0")
     if not args.reward_fn and args.reward is None:
         raise ValueError("give at least one --reward-fn or a --reward model")
     # Everything that can be refused is checked before the run directory is touched.
-    functions = [load_reward_fn(spec) for spec in args.reward_fn]
+    functions = reward_functions([load_reward_fn(spec) for spec in args.reward_fn])
     config = dataclass_from_args(GRPOConfig, args)
     prompts = read_prompts(args.prompts, args.num_prompts, seed=config.seed)
     state_dir = args.out / "grpo_state"
@@ -145,12 +146,16 @@ def run_grpo(args: argparse.Namespace) -> None:
     reward_model, reward_weight, inputs = None, 1.0, [args.policy]
     if args.reward is not None:
         reward_path, reward_weight = parse_reward_checkpoint(args.reward)
+        if not math.isfinite(reward_weight):
+            raise ValueError(f"--reward {args.reward!r}: weight must be finite")
         reward_model = RewardModel.from_pretrained(reward_path)
         inputs.append(reward_path)
+    policy = PaLM.from_pretrained(args.policy)
+    fold_policy_adapter(policy)  # a policy with several scopes is refused here, not later
     accelerator = make_accelerator(args)
     claim_run_dir(args.out, GRPO_RUN_MARKERS, args.resume, args.overwrite, accelerator, inputs)
     trainer = GRPOTrainer(
-        PaLM.from_pretrained(args.policy),
+        policy,
         ByteTokenizer(),
         prompts,
         reward_model=reward_model,

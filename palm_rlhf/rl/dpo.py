@@ -46,6 +46,7 @@ from ..train_state import TrainingCheckpoints
 from .configs import DPOConfig
 from .dpo_math import plackett_luce_loss, preference_metrics, ranking_dpo_loss, sequence_logprobs
 from .rl_math import logprobs_from_logits
+from .rollout import fold_policy_adapter
 
 SCOPE = "dpo"
 
@@ -142,10 +143,10 @@ def evaluate_preferences(
     batch_size: int,
     config: DPOConfig,
     accelerator: Accelerator,
+    scope: str | None,
 ) -> dict[str, float]:
     """Held-out implicit-reward accuracy and margin over untied pairs: each process scores its
     share of the groups and the sums are reduced over processes."""
-    model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     sums = torch.zeros(3, device=accelerator.device)  # correct, margin sum, pairs
     for start in range(rank * batch_size, len(groups), world * batch_size):
@@ -156,7 +157,7 @@ def evaluate_preferences(
             seq_len,
             accelerator.device,
         )
-        logratios = response_logprobs(model, batch, SCOPE if model.lora_configs else None)
+        logratios = response_logprobs(model, batch, scope)
         stats = preference_metrics(
             logratios - batch["ref_logps"], batch["ranks"], batch["group"], config.beta
         )
@@ -165,7 +166,6 @@ def evaluate_preferences(
             [stats["reward_accuracy"] * pairs, stats["reward_margin"] * pairs, pairs]
         )
     sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
-    model.train()
     pairs = sums[2].clamp(min=1)
     return {
         "eval_reward_accuracy": (sums[0] / pairs).item(),
@@ -173,21 +173,30 @@ def evaluate_preferences(
     }
 
 
+def _starting_policy(init: str | Path) -> PaLM:
+    """init as the policy it holds: an adapter it carries (a PPO/GRPO run's "actor") merged."""
+    policy = PaLM.from_pretrained(init)
+    fold_policy_adapter(policy)
+    return policy
+
+
 def _policy(init: str | Path, latest: Path | None, config: DPOConfig) -> tuple[PaLM, PaLM]:
     """(policy, reference): the policy from the latest checkpoint when resuming, else from init;
-    with LoRA the reference is the policy itself (adapters off), else a frozen copy of init."""
-    policy = PaLM.from_pretrained(latest if latest is not None else init)
+    with LoRA the reference is the policy itself (adapters off), else a frozen copy of init.
+    Both in eval mode: dropout stays off, as it was for the cached reference (checklist 5)."""
     if config.full_finetune:
-        reference = PaLM.from_pretrained(init) if latest is not None else copy.deepcopy(policy)
-        return policy.requires_grad_(True), reference.requires_grad_(False).eval()
-    if latest is None:
-        if SCOPE in policy.lora_configs:
-            raise ValueError(f"{init}: already carries a {SCOPE!r} LoRA scope; merge it first")
+        reference = _starting_policy(init)
+        policy = PaLM.from_pretrained(latest) if latest is not None else copy.deepcopy(reference)
+        return policy.requires_grad_(True).eval(), reference.requires_grad_(False).eval()
+    if latest is not None:
+        policy = PaLM.from_pretrained(latest)  # its base is init's, merged; its adapter is ours
+    else:
+        policy = _starting_policy(init)
         policy.add_lora(SCOPE, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha))
     policy.requires_grad_(False)
     for param in lora_parameters(policy, SCOPE):
         param.requires_grad_(True)
-    return policy, policy
+    return policy.eval(), policy
 
 
 def train_dpo(
@@ -222,11 +231,12 @@ def train_dpo(
     )
     tokenizer = tokenizer or ByteTokenizer()
     out_dir = Path(out_dir)
-    claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
-    checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    if not Path(init).exists():
+        raise FileNotFoundError(f"{init}: no such checkpoint to start DPO from")
     torch.manual_seed(config.seed)
 
-    # step 2. data: rankings split by prompt; ratings carry no ordering DPO can use
+    # step 2. data: rankings split by prompt; ratings carry no ordering DPO can use. Read
+    # before the run directory is claimed, so a bad file costs nothing already written.
     prefs = data if isinstance(data, PreferenceData) else load_preferences(data, aggregate)
     skipped = describe_skipped(prefs.skipped)
     if accelerator.is_main_process and (skipped or prefs.ratings):
@@ -236,6 +246,8 @@ def train_dpo(
     if not train_groups:
         raise ValueError(f"{data}: no rankings or pairs to train DPO on")
     schedule = WindowSchedule(len(train_groups), config.seed)
+    claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
+    checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
 
     # step 3. policy and reference; the reference log-probs, once, before any update
     latest = checkpoints.latest() if resume else None
@@ -247,12 +259,15 @@ def train_dpo(
     policy.to(accelerator.device)
     reference.to(accelerator.device)
     rows = config.batch_size
-    train_refs = reference_logprobs(reference, train_groups, tokenizer, config.seq_len, rows)
-    heldout_refs = reference_logprobs(reference, heldout_groups, tokenizer, config.seq_len, rows)
+    # Under the precision training runs at, so that policy == reference gives log-ratios of 0.
+    with accelerator.autocast():
+        train_refs = reference_logprobs(reference, train_groups, tokenizer, config.seq_len, rows)
+        heldout_refs = reference_logprobs(
+            reference, heldout_groups, tokenizer, config.seq_len, rows
+        )
     if reference is not policy:
         del reference  # a full copy: free it, its log-probs are cached
     scope = None if dpo_config.full_finetune else SCOPE
-    policy.train()
     optimizer = make_optimizer(policy, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(policy, optimizer)
@@ -327,6 +342,7 @@ def train_dpo(
                         rows,
                         dpo_config,
                         accelerator,
+                        scope,
                     )
                 )
             history.append(record)

@@ -69,6 +69,7 @@ from .rollout import (
     Trajectory,
     as_records,
     concat_samples,
+    fold_policy_adapter,
     select_groups,
 )
 from .run_state import (
@@ -132,9 +133,11 @@ class GRPOTrainer:
         policy.to(device)
         if reward_model is not None:
             reward_model.to(device).eval().requires_grad_(False)
+        fold_policy_adapter(policy)  # start from the policy the checkpoint holds
         self.policy = policy
         if config.full_finetune:
-            self.reference = copy.deepcopy(policy).requires_grad_(False)
+            # eval(): dropout off in the reference too (checklist 5)
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
             params = list(policy.requires_grad_(True).parameters())
             self.actor_scope = None
         else:
@@ -407,6 +410,11 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
+    def _reward_setup(self) -> list[list]:
+        """[name, weight] per reward source: what a resume must match."""
+        rewards = self.engine.rewards
+        return [[name, weight] for name, weight in zip(rewards.names, rewards.weights, strict=True)]
+
     def _trainable_state(self) -> dict[str, Tensor]:
         params = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         return {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in params}
@@ -421,6 +429,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
             "prompt_cursor": self.prompt_cursor,
+            "rewards": self._reward_setup(),
         }
         save_rl_state(
             directory,
@@ -443,6 +452,11 @@ class GRPOTrainer:
             self._trainable_state(),
             self._generators(),
         )
+        if state.get("rewards") != self._reward_setup():
+            raise ValueError(
+                f"{directory}: saved with rewards {state.get('rewards')}, resuming with "
+                f"{self._reward_setup()}; exact resume needs the same rewards and weights"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.prompt_cursor = int(state["prompt_cursor"])

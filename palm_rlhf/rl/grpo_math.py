@@ -185,8 +185,8 @@ def aggregate_loss(
 ) -> Tensor:
     """Reduce a per-token loss (b, n) to a scalar, the way each method defines it:
 
-    - "grpo" and "gspo": mean over each sequence's tokens, then mean over sequences
-      (DeepSeekMath eq. 3); a short response's tokens weigh more than a long one's.
+    - "grpo" and "gspo": mean over each sequence's tokens, then mean over the sequences that
+      have any (DeepSeekMath eq. 3); a short response's tokens weigh more than a long one's.
     - "dapo": sum over every token / num_tokens, the number of valid tokens in the whole
       optimizer step's batch across processes (DAPO eq. 12, token-level); defaults to this
       minibatch's count.
@@ -196,7 +196,9 @@ def aggregate_loss(
     mask = mask.bool()
     per_token = per_token.masked_fill(~mask, 0)
     if loss_type in ("grpo", "gspo"):
-        return masked_mean(per_token, mask, dim=1).mean()
+        # A response with no loss token (masked out as truncated) is not a sequence of the mean.
+        present = mask.any(dim=1)
+        return masked_mean(per_token, mask, dim=1).sum() / present.sum().clamp(min=1)
     if loss_type == "dapo":
         count = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
         return per_token.sum() / count

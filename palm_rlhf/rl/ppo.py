@@ -61,7 +61,14 @@ from .rl_math import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from .rollout import RewardFn, RewardSources, RolloutEngine, as_records, response_logits
+from .rollout import (
+    RewardFn,
+    RewardSources,
+    RolloutEngine,
+    as_records,
+    fold_policy_adapter,
+    response_logits,
+)
 from .run_state import (
     accumulation_divisors,
     average_gradients,
@@ -141,9 +148,11 @@ class PPOTrainer:
             reward_model.to(device)
 
         # Policy and reference: one base; the reference is the base with adapters off.
+        fold_policy_adapter(policy)  # start from the policy the checkpoint holds
         self.policy = policy
         if config.full_finetune:
-            self.reference = copy.deepcopy(policy).requires_grad_(False)
+            # eval(): dropout off in the reference too (checklist 5)
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
             policy.requires_grad_(True)
             actor_params = list(policy.parameters())
             self.actor_scope = None

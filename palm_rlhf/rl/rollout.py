@@ -19,6 +19,7 @@ Shapes: b responses, p padded prompt tokens, n response tokens, k reward sources
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..generation import generate
+from ..lora import merge_lora
 from ..palm import PaLM
 from ..preferences import encode_reward_rows
 from ..prompts import PromptRecord
@@ -51,6 +53,8 @@ class RewardSources:
     def __post_init__(self) -> None:
         if self.reward_model is None and not self.functions:
             raise ValueError("give a reward model, at least one reward function, or both")
+        if not math.isfinite(self.reward_model_weight):
+            raise ValueError(f"the reward model's weight is {self.reward_model_weight}")
         for name, fn, weight in self.functions:
             if not callable(fn):
                 raise TypeError(f"reward function {name!r} is not callable")
@@ -98,6 +102,23 @@ class Trajectory(NamedTuple):
 def response_logits(logits: Tensor, prompt_len: int) -> Tensor:
     """Logits (b, p + n, v) -> (b, n, v): the ones that predicted each response token."""
     return logits[:, prompt_len - 1 : -1]
+
+
+def fold_policy_adapter(policy: PaLM) -> str | None:
+    """Merge the one adapter scope a starting policy carries (a DPO run's "dpo", a GRPO run's
+    "actor") into its base weights and return its name. A forward applies one scope at a time,
+    so an unmerged adapter would silently not apply: RL would start from, and measure its KL
+    against, the bare base instead of the policy the checkpoint holds. Several scopes are
+    ambiguous (each is an alternative, not a sum) and refused."""
+    scopes = sorted(policy.lora_configs)
+    if len(scopes) > 1:
+        raise ValueError(
+            f"the policy carries several adapter scopes {scopes}; merge the one to start from "
+            "(palm_rlhf.merge_lora) and remove the others"
+        )
+    if scopes:
+        merge_lora(policy, scopes[0])
+    return scopes[0] if scopes else None
 
 
 def as_records(prompts: Sequence[str | PromptRecord]) -> list[PromptRecord]:
@@ -218,17 +239,23 @@ class RolloutEngine:
             device = model.head.weight.device
             columns.append(model(tokens.to(device), mask.to(device), normalized=True).float().cpu())
         extra = prompt_columns(records)
+        reserved = sorted({"prompts", "responses"} & set(extra))
+        if reserved:
+            raise ValueError(
+                f"prompt rows carry fields named {reserved}, which reward functions receive "
+                "as their first two arguments; rename those fields"
+            )
         for name, fn, _ in self.rewards.functions:
             try:
-                values = fn(prompts, responses, **extra)
+                inspect.signature(fn).bind(prompts, responses, **extra)
             except TypeError as error:
-                if extra:
-                    raise TypeError(
-                        f"reward function {name!r} failed with the prompts' extra fields "
-                        f"{sorted(extra)} as keyword arguments ({error}); accept them, or **kwargs"
-                    ) from error
-                raise
-            values = [float(v) for v in values]
+                raise TypeError(
+                    f"reward function {name!r} cannot be called as fn(prompts, responses"
+                    + "".join(f", {key}=..." for key in sorted(extra))
+                    + f") ({error}); the prompts' extra fields {sorted(extra)} are passed as "
+                    "keyword arguments: accept them, or **kwargs"
+                ) from None
+            values = [float(v) for v in fn(prompts, responses, **extra)]
             if len(values) != len(prompts):
                 raise ValueError(
                     f"reward function {name!r} returned {len(values)} scores for "
