@@ -29,7 +29,6 @@ reinforce_pp_baseline subtract beta * the log-ratio at every token (Hu et al. 20
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,14 +36,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..config import LoRAConfig
 from ..palm import PaLM
-from ..progress import progress_kwargs
 from ..prompts import PromptRecord
 from ..reward import RewardModel
-from ..runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from ..runs import append_jsonl, claim_run_dir, truncate_metrics
 from ..tokenizer import Tokenizer
 from ..train_lm import WindowSchedule
 from .configs import GRPOConfig
@@ -77,6 +74,7 @@ from .run_state import (
     average_gradients,
     load_rl_state,
     mean_over_processes,
+    run_iterations,
     save_rl_state,
     sum_over_processes,
 )
@@ -472,8 +470,10 @@ class GRPOTrainer:
         checkpoint_every: int = 0,
         checkpoint_dir: str | Path | None = None,
     ) -> list[dict[str, Any]]:
-        """Run `num_iterations` more iterations; stop early after time_limit_s seconds (rank 0's
-        clock decides); `save(checkpoint_dir)` every checkpoint_every iterations."""
+        """Run `num_iterations` MORE iterations (after a `load`, counting from the resumed
+        one; the CLI's --iterations is a total instead). Stops early once time_limit_s seconds
+        have passed (0 = no limit; rank 0's clock decides for all ranks). Every
+        checkpoint_every iterations, `save(checkpoint_dir)`. Returns this call's metrics."""
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         if checkpoint_every and checkpoint_dir is None:
@@ -482,21 +482,15 @@ class GRPOTrainer:
             names = [METRICS_NAME, SAMPLES_NAME]
             claim_run_dir(self.out_dir, names, False, self.overwrite, self.accelerator)
             self._run_claimed = True
-        bar = tqdm(
-            range(num_iterations),
+        return run_iterations(
+            self.step,
+            self.save,
+            lambda: self.iteration,
+            self.accelerator,
+            num_iterations,
+            time_limit_s,
+            checkpoint_every,
+            checkpoint_dir,
             desc="grpo",
-            **progress_kwargs(self.show_progress and self.accelerator.is_main_process),
+            show_progress=self.show_progress,
         )
-        began, results = time.perf_counter(), []
-        for _ in bar:
-            metrics = self.step()
-            results.append(metrics)
-            bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
-            if checkpoint_every and self.iteration % checkpoint_every == 0:
-                self.save(checkpoint_dir)
-            if time_limit_s and rank0_decides(
-                time.perf_counter() - began > time_limit_s, self.accelerator
-            ):
-                break
-        bar.close()
-        return results

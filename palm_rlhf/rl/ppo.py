@@ -31,7 +31,6 @@ the same number of processes replays the uninterrupted one.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,15 +38,13 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..config import LoRAConfig, PPOConfig
 from ..lora import lora_parameters, merge_lora, remove_lora
 from ..palm import PaLM
-from ..progress import progress_kwargs
 from ..prompts import PromptRecord
 from ..reward import RewardModel
-from ..runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from ..runs import append_jsonl, claim_run_dir, truncate_metrics
 from ..tokenizer import Tokenizer
 from ..train_lm import WindowSchedule
 from .rl_math import (
@@ -74,6 +71,7 @@ from .run_state import (
     average_gradients,
     load_rl_state,
     mean_over_processes,
+    run_iterations,
     save_rl_state,
 )
 
@@ -437,24 +435,18 @@ class PPOTrainer:
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         self._claim_run()
-        bar = tqdm(
-            range(num_iterations),
+        return run_iterations(
+            self.step,
+            self.save,
+            lambda: self.iteration,
+            self.accelerator,
+            num_iterations,
+            time_limit_s,
+            checkpoint_every,
+            checkpoint_dir,
             desc="ppo",
-            **progress_kwargs(self.show_progress and self.accelerator.is_main_process),
+            show_progress=self.show_progress,
         )
-        began, results = time.perf_counter(), []
-        for _ in bar:
-            metrics = self.step()
-            results.append(metrics)
-            bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
-            if checkpoint_every and self.iteration % checkpoint_every == 0:
-                self.save(checkpoint_dir)
-            if time_limit_s and rank0_decides(
-                time.perf_counter() - began > time_limit_s, self.accelerator
-            ):
-                break
-        bar.close()
-        return results
 
     def _claim_run(self) -> None:
         """A fresh run never appends to another run's ppo_metrics.jsonl (refused unless

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import (
     WEIGHTS_NAME,
@@ -29,6 +32,8 @@ from ..checkpoint import (
     save_model_dir,
     unflatten_state,
 )
+from ..progress import progress_kwargs
+from ..runs import rank0_decides
 from ..train_state import gather_rng_states, restore_rng_states
 
 
@@ -160,3 +165,41 @@ def load_rl_state(
     for name, generator in generators.items():
         generator.set_state(state[name][rank].clone())
     return state
+
+
+def run_iterations(
+    step: Callable[[], dict[str, Any]],
+    save: Callable[[str | Path], None],
+    iteration: Callable[[], int],
+    accelerator: Accelerator,
+    num_iterations: int,
+    time_limit_s: float = 0.0,
+    checkpoint_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "rl",
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """An online trainer's `train`: `num_iterations` more calls of `step`, a progress bar with
+    the score and KL, `save(checkpoint_dir)` every checkpoint_every iterations, and a stop once
+    time_limit_s seconds have passed (0 = no limit; rank 0's clock decides for all ranks, since
+    ranks that disagreed would hang in a collective). Returns the steps' metrics."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir")
+    bar = tqdm(
+        range(num_iterations),
+        desc=desc,
+        **progress_kwargs(show_progress and accelerator.is_main_process),
+    )
+    began, results = time.perf_counter(), []
+    for _ in bar:
+        metrics = step()
+        results.append(metrics)
+        bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
+        if checkpoint_every and iteration() % checkpoint_every == 0:
+            save(checkpoint_dir)
+        if time_limit_s and rank0_decides(time.perf_counter() - began > time_limit_s, accelerator):
+            break
+    bar.close()
+    return results
