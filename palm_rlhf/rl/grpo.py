@@ -408,6 +408,15 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
+    def _claim_run(self) -> None:
+        """A fresh run never appends to another run's metrics (refused unless overwrite=True,
+        which deletes them); a resumed one (`load`) continues its own."""
+        if self._run_claimed or self.out_dir is None:
+            return
+        names = [METRICS_NAME, SAMPLES_NAME]
+        claim_run_dir(self.out_dir, names, False, self.overwrite, self.accelerator)
+        self._run_claimed = True
+
     def _reward_setup(self) -> list[list]:
         """[name, weight] per reward source: what a resume must match."""
         rewards = self.engine.rewards
@@ -474,23 +483,6 @@ class GRPOTrainer:
         one; the CLI's --iterations is a total instead). Stops early once time_limit_s seconds
         have passed (0 = no limit; rank 0's clock decides for all ranks). Every
         checkpoint_every iterations, `save(checkpoint_dir)`. Returns this call's metrics."""
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
-        if not self._run_claimed and self.out_dir is not None:
-            names = [METRICS_NAME, SAMPLES_NAME]
-            claim_run_dir(self.out_dir, names, False, self.overwrite, self.accelerator)
-            self._run_claimed = True
         return run_iterations(
-            self.step,
-            self.save,
-            lambda: self.iteration,
-            self.accelerator,
-            num_iterations,
-            time_limit_s,
-            checkpoint_every,
-            checkpoint_dir,
-            desc="grpo",
-            show_progress=self.show_progress,
+            self, num_iterations, time_limit_s, checkpoint_every, checkpoint_dir, desc="grpo"
         )

@@ -430,22 +430,8 @@ class PPOTrainer:
         one; the CLI's --iterations is a total instead). Stops early once time_limit_s seconds
         have passed (0 = no limit; rank 0's clock decides for all ranks). Every
         checkpoint_every iterations, `save(checkpoint_dir)`. Returns this call's metrics."""
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
-        self._claim_run()
         return run_iterations(
-            self.step,
-            self.save,
-            lambda: self.iteration,
-            self.accelerator,
-            num_iterations,
-            time_limit_s,
-            checkpoint_every,
-            checkpoint_dir,
-            desc="ppo",
-            show_progress=self.show_progress,
+            self, num_iterations, time_limit_s, checkpoint_every, checkpoint_dir, desc="ppo"
         )
 
     def _claim_run(self) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -168,37 +167,37 @@ def load_rl_state(
 
 
 def run_iterations(
-    step: Callable[[], dict[str, Any]],
-    save: Callable[[str | Path], None],
-    iteration: Callable[[], int],
-    accelerator: Accelerator,
+    trainer: Any,
     num_iterations: int,
     time_limit_s: float = 0.0,
     checkpoint_every: int = 0,
     checkpoint_dir: str | Path | None = None,
     desc: str = "rl",
-    show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """An online trainer's `train`: `num_iterations` more calls of `step`, a progress bar with
-    the score and KL, `save(checkpoint_dir)` every checkpoint_every iterations, and a stop once
-    time_limit_s seconds have passed (0 = no limit; rank 0's clock decides for all ranks, since
-    ranks that disagreed would hang in a collective). Returns the steps' metrics."""
+    """An online trainer's `train` (PPOTrainer, GRPOTrainer): check the arguments, claim the
+    run directory (`trainer._claim_run()`), then `num_iterations` more `trainer.step()`s with a
+    progress bar of the score and KL, `trainer.save(checkpoint_dir)` every checkpoint_every
+    iterations, and a stop once time_limit_s seconds have passed (0 = no limit; rank 0's clock
+    decides for all ranks, since ranks that disagreed would hang in a collective). Returns the
+    steps' metrics."""
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     if checkpoint_every and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs a checkpoint_dir")
+    trainer._claim_run()
+    accelerator = trainer.accelerator
     bar = tqdm(
         range(num_iterations),
         desc=desc,
-        **progress_kwargs(show_progress and accelerator.is_main_process),
+        **progress_kwargs(trainer.show_progress and accelerator.is_main_process),
     )
     began, results = time.perf_counter(), []
     for _ in bar:
-        metrics = step()
+        metrics = trainer.step()
         results.append(metrics)
         bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
-        if checkpoint_every and iteration() % checkpoint_every == 0:
-            save(checkpoint_dir)
+        if checkpoint_every and trainer.iteration % checkpoint_every == 0:
+            trainer.save(checkpoint_dir)
         if time_limit_s and rank0_decides(time.perf_counter() - began > time_limit_s, accelerator):
             break
     bar.close()
