@@ -137,7 +137,10 @@ def run_grpo(args: argparse.Namespace) -> None:
     if not args.reward_fn and args.reward is None:
         raise ValueError("give at least one --reward-fn or a --reward model")
     # Everything that can be refused is checked before the run directory is touched.
-    functions = reward_functions([load_reward_fn(spec) for spec in args.reward_fn])
+    try:
+        functions = reward_functions([load_reward_fn(spec) for spec in args.reward_fn])
+    except ValueError as error:
+        raise ValueError(str(error) if "--reward-fn" in str(error) else f"--reward-fn: {error}")
     config = dataclass_from_args(GRPOConfig, args)
     prompts = read_prompts(args.prompts, args.num_prompts, seed=config.seed)
     state_dir = args.out / "grpo_state"
