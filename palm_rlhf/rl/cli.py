@@ -140,7 +140,10 @@ def run_grpo(args: argparse.Namespace) -> None:
     try:
         functions = reward_functions([load_reward_fn(spec) for spec in args.reward_fn])
     except ValueError as error:
-        raise ValueError(str(error) if "--reward-fn" in str(error) else f"--reward-fn: {error}")
+        message = str(error)
+        raise ValueError(
+            message if "--reward-fn" in message else f"--reward-fn: {message}"
+        ) from None
     config = dataclass_from_args(GRPOConfig, args)
     prompts = read_prompts(args.prompts, args.num_prompts, seed=config.seed)
     state_dir = args.out / "grpo_state"
