@@ -188,13 +188,12 @@ class GRPOTrainer:
         """Steps 1-2: this process's batch of prompts_per_iteration groups, and its counts."""
         config, wanted = self.config, self.config.prompts_per_iteration
         rounds = [self._sample_round()]
+        have = 0  # informative groups so far; a round's groups are its own, so counts add up
         while config.dynamic_sampling and len(rounds) < config.max_sampling_rounds:
-            pooled = concat_samples(rounds, self.tokenizer.pad_id)
-            have = int(informative_groups(pooled.scores, pooled.group).sum())
+            have += int(informative_groups(rounds[-1].scores, rounds[-1].group).sum())
             # Every process must run the same number of rounds: the one with the fewest
             # informative groups decides.
-            fewest = self._min_over_processes(have)
-            if fewest >= wanted:
+            if self._min_over_processes(have) >= wanted:
                 break
             rounds.append(self._sample_round())
         pooled = concat_samples(rounds, self.tokenizer.pad_id)
