@@ -266,7 +266,6 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
     from .reward import RewardConfig
-    from .train_reward import NOT_FOR_REWARD
 
     parser = subparsers.add_parser(
         "reward",
@@ -275,30 +274,12 @@ def add_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         'rankings {"prompt", "responses", "ranking"}, pairs {"prompt", "chosen", "rejected"} '
         'or ratings {"prompt", "response", "rating"}. Held-out pairwise accuracy is logged.',
     )
-    parser.add_argument(
-        "--init",
-        required=True,
-        type=Path,
-        help="PaLM checkpoint (or run directory) to initialise the trunk from",
+    add_preference_stage_options(
+        parser,
+        init_help="PaLM checkpoint (or run directory) to initialise the trunk from",
+        heldout_help="share of prompts held out for eval_accuracy",
+        train_title="training (TrainConfig)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    add_run_options(parser, "continue from the latest checkpoint in --out")
-    parser.add_argument(
-        "--heldout-fraction",
-        type=float,
-        default=0.1,
-        help="share of prompts held out for eval_accuracy",
-    )
-    parser.add_argument(
-        "--aggregate",
-        choices=AGGREGATE_CHOICES,
-        default="none",
-        help="rankings log with several labelers per task: train every labeler's row (none) "
-        "or one merged ranking per task (borda, ranked_pairs) [none]",
-    )
-    parser.add_argument("--log-with", default=None, help="accelerate tracker")
-    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)", skip=NOT_FOR_REWARD)
     # max_seq_len is not an option: the loop records --seq-len there.
     add_dataclass_options(
         parser, RewardConfig, "reward model (RewardConfig)", skip=("max_seq_len",)
@@ -310,16 +291,47 @@ def run_reward(args: argparse.Namespace) -> None:
     from .reward import RewardConfig
     from .train_reward import train_reward
 
+    run_preference_stage(args, "reward", train_reward, RewardConfig)
+
+
+def add_preference_stage_options(
+    parser: argparse.ArgumentParser, init_help: str, heldout_help: str, train_title: str
+) -> None:
+    """The options `reward` and `dpo` share: both train from a PaLM checkpoint on a preference
+    JSONL (--data, a TrainConfig field), split by prompt and optionally aggregated."""
+    from .train_reward import NOT_FOR_REWARD
+
+    parser.add_argument("--init", required=True, type=Path, help=init_help)
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    add_run_options(parser, "continue from the latest checkpoint in --out")
+    parser.add_argument("--heldout-fraction", type=float, default=0.1, help=heldout_help)
+    parser.add_argument(
+        "--aggregate",
+        choices=AGGREGATE_CHOICES,
+        default="none",
+        help="rankings log with several labelers per task: train every labeler's row (none) "
+        "or one merged ranking per task (borda, ranked_pairs) [none]",
+    )
+    parser.add_argument("--log-with", default=None, help="accelerate tracker")
+    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
+    add_dataclass_options(parser, TrainConfig, train_title, skip=NOT_FOR_REWARD)
+
+
+def run_preference_stage(
+    args: argparse.Namespace, name: str, train: Any, stage_config_class: type
+) -> None:
+    """`reward` and `dpo`: build the configs from the flags and run `train` (train_reward or
+    train_dpo, which take the same arguments) under the accelerator."""
     if args.data is None:
-        raise ValueError("reward needs --data PATH to a preference JSONL")
+        raise ValueError(f"{name} needs --data PATH to a preference JSONL")
     train_config = dataclass_from_args(TrainConfig, args)
-    reward_config = dataclass_from_args(RewardConfig, args)
+    stage_config = dataclass_from_args(stage_config_class, args)
     accelerator = make_accelerator(args, train_config.mixed_precision)
-    history = train_reward(
+    history = train(
         args.init,
         args.data,
         train_config,
-        reward_config,
+        stage_config,
         args.out,
         resume=args.resume,
         heldout_fraction=args.heldout_fraction,

@@ -195,10 +195,7 @@ def run_grpo(args: argparse.Namespace) -> None:
 
 
 def add_dpo_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_dataclass_options, add_run_options
-    from ..config import TrainConfig
-    from ..preferences import AGGREGATE_CHOICES
-    from ..train_reward import NOT_FOR_REWARD
+    from ..cli import add_dataclass_options, add_preference_stage_options
     from .configs import DPOConfig
 
     parser = subparsers.add_parser(
@@ -208,50 +205,19 @@ def add_dpo_parser(subparsers: argparse._SubParsersAction) -> None:
         "`reward` reads), with no reward model or sampling. OUT is a run directory that "
         "generate/ppo/grpo read as a policy (its adapter scope is 'dpo').",
     )
-    parser.add_argument("--init", required=True, type=Path, help="PaLM checkpoint (the SFT one)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    add_run_options(parser, "continue from the latest checkpoint in --out")
-    parser.add_argument(
-        "--heldout-fraction", type=float, default=0.1, help="share of prompts held out"
-    )
-    parser.add_argument(
-        "--aggregate",
-        choices=AGGREGATE_CHOICES,
-        default="none",
-        help="several labelers per task: every row (none) or one merged ranking per task",
-    )
-    parser.add_argument("--log-with", default=None, help="accelerate tracker")
-    parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    add_dataclass_options(
-        parser, TrainConfig, "training (TrainConfig; batch-size counts prompts)", NOT_FOR_REWARD
+    add_preference_stage_options(
+        parser,
+        init_help="PaLM checkpoint (the SFT one)",
+        heldout_help="share of prompts held out",
+        train_title="training (TrainConfig; batch-size counts prompts)",
     )
     add_dataclass_options(parser, DPOConfig, "DPO (DPOConfig)")
     parser.set_defaults(run=run_dpo)
 
 
 def run_dpo(args: argparse.Namespace) -> None:
-    from ..cli import dataclass_from_args, make_accelerator, print_done
-    from ..config import TrainConfig
+    from ..cli import run_preference_stage
     from .configs import DPOConfig
     from .dpo import train_dpo
 
-    if args.data is None:
-        raise ValueError("dpo needs --data PATH to a preference JSONL")
-    train_config = dataclass_from_args(TrainConfig, args)
-    dpo_config = dataclass_from_args(DPOConfig, args)
-    accelerator = make_accelerator(args, train_config.mixed_precision)
-    history = train_dpo(
-        args.init,
-        args.data,
-        train_config,
-        dpo_config,
-        args.out,
-        resume=args.resume,
-        heldout_fraction=args.heldout_fraction,
-        aggregate=args.aggregate,
-        accelerator=accelerator,
-        log_with=args.log_with,
-        overwrite=args.overwrite,
-    )
-    if accelerator.is_main_process and history:
-        print_done(history[-1], args.out, accelerator.num_processes)
+    run_preference_stage(args, "dpo", train_dpo, DPOConfig)
