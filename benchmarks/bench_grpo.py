@@ -76,15 +76,12 @@ import contextlib
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_model import cpu_snapshot, fmt, machine_info, others_busy
+from bench_model import fmt, machine_info
+from peer_workers import Link, run_interleaved, serve, timed
 
 FULL = dict(
     num_tokens=259, dim=128, depth=2, heads=4, dim_head=32, prompts=16, group=8, prompt=32, new=64
@@ -110,16 +107,6 @@ def prompt_ids(c):
 
 def count_a(prompts, responses, **columns):
     return [float(r.count("a")) for r in responses]
-
-
-def timed(fn, acc):
-    def wrapper(*a, **kw):
-        t0 = time.perf_counter()
-        out = fn(*a, **kw)
-        acc.append(time.perf_counter() - t0)
-        return out
-
-    return wrapper
 
 
 def build_ours(c, args, learn_times):
@@ -281,68 +268,21 @@ def run_trl(c, args, link):
             trainer.train()
 
 
-class Link:
-    """Worker side of the pipe protocol: 'step' lines in, one JSON line out per iteration."""
-
-    def __init__(self, fd):
-        self.out, self.t0 = os.fdopen(fd, "w"), 0.0
-
-    def send(self, **msg):
-        import torch
-
-        t, rss = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        msg.update(rss_mb=rss, cpu_s=t.user + t.system, threads=torch.get_num_threads())
-        self.out.write(json.dumps(msg) + "\n")
-        self.out.flush()
-
-    def begin(self):
-        ok = sys.stdin.readline().strip() == "step"
-        self.t0 = time.perf_counter()
-        return ok
-
-    def end(self, **info):
-        self.send(dt=time.perf_counter() - self.t0, **info)
-
-
 def worker(args):
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    c, link, learn_times = QUICK if args.quick else FULL, Link(args.fd), []
+    c, link = QUICK if args.quick else FULL, Link(args.fd)
     if args.worker == "trl":
         return run_trl(c, args, link)
-    params, step = {"ours": build_ours, "peer": build_peer}[args.worker](c, args, learn_times)
-    link.send(params=params)
-    while link.begin():
-        info = step()
-        link.end(learn_s=sum(learn_times) if learn_times else None, **info)
-        learn_times.clear()
+    return serve(link, {"ours": build_ours, "peer": build_peer}[args.worker], c, args)
 
 
-def spawn(key, args, log_dir):
-    r, w = os.pipe()
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", key, "--fd", str(w)]
-    cmd += ["--threads", str(args.threads), "--minibatch", str(args.minibatch)]
-    cmd += ["--kl-coef", str(args.kl_coef)] + (["--quick"] if args.quick else [])
-    with open(Path(log_dir) / f"{key}.log", "w") as log:
-        pipes = dict(stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,))
-        proc = subprocess.Popen(cmd, text=True, **pipes)
-    os.close(w)
-    return proc, os.fdopen(r), log.name
-
-
-def request(worker_state, command):
-    proc, reader, log_name = worker_state
-    if command:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(command + "\n")
-            proc.stdin.flush()
-    line = reader.readline()
-    if not line:
-        tail = Path(log_name).read_text()[-2000:]
-        raise RuntimeError(f"worker exited (code {proc.wait()}); end of {log_name}:\n{tail}")
-    return json.loads(line)
+def worker_flags(args):
+    """The parent's settings, passed on to every worker."""
+    return ["--threads", str(args.threads), "--minibatch", str(args.minibatch),
+            "--kl-coef", str(args.kl_coef)] + (["--quick"] if args.quick else [])  # fmt: skip
 
 
 def median_of(runs, key):
@@ -416,39 +356,7 @@ def main():
     print(f"\nconfig: {c}, minibatch={args.minibatch}, kl_coef={args.kl_coef}, ", end="")
     print(f"warmup={args.warmup}, repeats={args.repeats}, worker logs: {log_dir}\n", flush=True)
 
-    workers, samples, notes, cpu = {}, {}, [], {}
-
-    def call(k, command, what):
-        try:
-            res = request(workers[k], command)
-        except RuntimeError as e:
-            notes.append(f"{NAMES[k]}: {what}: {e}")
-            print(f"NOTE: {notes[-1]}", flush=True)
-            del workers[k]
-            return None
-        cpu[k] = res["cpu_s"]  # the workers' CPU time is this benchmark's, not "others"
-        if res["threads"] != args.threads:
-            notes.append(f"{NAMES[k]} ran with {res['threads']} threads, not {args.threads}")
-        return res
-
-    for k in keys:  # built one at a time, so imports and model builds do not overlap
-        workers[k] = spawn(k, args, log_dir)
-        if ready := call(k, None, "skipped"):
-            samples[k] = {"params": ready["params"], "setup_rss_mb": ready["rss_mb"], "runs": []}
-    start = cpu_snapshot()
-    start = start and (*start[:2], start[2] + sum(cpu.values()))
-    for i in range(args.warmup + args.repeats):
-        for k in list(workers):
-            if res := call(k, "step", f"failed in iteration {i}"):
-                samples[k]["peak_rss_mb"] = res["rss_mb"]
-                samples[k]["runs"] += [res] if i >= args.warmup else []
-        print(f"iteration {i + 1}/{args.warmup + args.repeats} done", flush=True)
-    end = cpu_snapshot()
-    info["others_cpu_during"] = others_busy(start, end and (*end[:2], end[2] + sum(cpu.values())))
-    for proc, reader, _ in workers.values():
-        proc.stdin.close()
-        proc.wait(timeout=120)
-        reader.close()
+    samples, notes = run_interleaved(__file__, keys, NAMES, worker_flags(args), args, log_dir, info)
 
     results = {k: summarize(s, c) for k, s in samples.items() if s["runs"]}
     for k, s in samples.items():

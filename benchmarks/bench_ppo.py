@@ -48,15 +48,11 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-from bench_model import cpu_snapshot, fmt, machine_info, others_busy
+from bench_model import fmt, machine_info
+from peer_workers import Link, run_interleaved, serve, timed
 
 FULL = dict(num_tokens=259, dim=128, depth=2, heads=4, dim_head=32, batch=16, prompt=32, new=112)
 QUICK = dict(num_tokens=259, dim=32, depth=1, heads=2, dim_head=16, batch=4, prompt=8, new=8)
@@ -69,16 +65,6 @@ def prompt_ids(c):
 
     g = torch.Generator().manual_seed(1)  # printable ASCII: valid bytes, never 0 (peer's pad)
     return torch.randint(33, 127, (64, c["prompt"]), generator=g)
-
-
-def timed(fn, acc):
-    def wrapper(*a, **kw):
-        t0 = time.perf_counter()
-        out = fn(*a, **kw)
-        acc.append(time.perf_counter() - t0)
-        return out
-
-    return wrapper
 
 
 def build_ours(c, args, learn_times):
@@ -172,73 +158,27 @@ def run_trl(c, args, link):
             trainer.train()
 
 
-class Link:
-    """Worker side of the pipe protocol: 'step' lines in, one JSON line out per iteration."""
-
-    def __init__(self, fd):
-        self.out, self.t0 = os.fdopen(fd, "w"), 0.0
-
-    def send(self, **msg):
-        import torch
-
-        t, rss = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        msg.update(rss_mb=rss, cpu_s=t.user + t.system, threads=torch.get_num_threads())
-        self.out.write(json.dumps(msg) + "\n")
-        self.out.flush()
-
-    def begin(self):
-        ok = sys.stdin.readline().strip() == "step"
-        self.t0 = time.perf_counter()
-        return ok
-
-    def end(self, **info):
-        self.send(dt=time.perf_counter() - self.t0, **info)
-
-
 def worker(args):
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    c, link, learn_times = QUICK if args.quick else FULL, Link(args.fd), []
+    c, link = QUICK if args.quick else FULL, Link(args.fd)
     if args.worker == "trl":
         return run_trl(c, args, link)
-    params, step = {"ours": build_ours, "peer": build_peer}[args.worker](c, args, learn_times)
-    link.send(params=params)
-    while link.begin():
-        info = step()
-        link.end(learn_s=sum(learn_times), **info)
-        learn_times.clear()
+    return serve(link, {"ours": build_ours, "peer": build_peer}[args.worker], c, args)
 
 
-def spawn(key, args, log_dir):
-    r, w = os.pipe()
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", key, "--fd", str(w)]
-    cmd += ["--threads", str(args.threads), "--ppo-epochs", str(args.ppo_epochs)]
-    cmd += ["--minibatch", str(args.minibatch)] + (["--quick"] if args.quick else [])
-    with open(Path(log_dir) / f"{key}.log", "w") as log:
-        pipes = dict(stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,))
-        proc = subprocess.Popen(cmd, text=True, **pipes)
-    os.close(w)
-    return proc, os.fdopen(r), log.name
-
-
-def request(worker_state, command):
-    proc, reader, log_name = worker_state
-    if command:
-        proc.stdin.write(command + "\n")
-        proc.stdin.flush()
-    line = reader.readline()
-    if not line:
-        tail = Path(log_name).read_text()[-2000:]
-        raise RuntimeError(f"worker exited (code {proc.wait()}); end of {log_name}:\n{tail}")
-    return json.loads(line)
+def worker_flags(args):
+    """The parent's settings, passed on to every worker."""
+    return ["--threads", str(args.threads), "--ppo-epochs", str(args.ppo_epochs),
+            "--minibatch", str(args.minibatch)] + (["--quick"] if args.quick else [])  # fmt: skip
 
 
 def summarize(s, c):
     runs = s["runs"]
     dt = statistics.median(r["dt"] for r in runs)
-    shares = [r["learn_s"] / r["dt"] for r in runs if "learn_s" in r]
+    shares = [r["learn_s"] / r["dt"] for r in runs if r.get("learn_s") is not None]
     return {
         "params": s["params"],
         "s_per_iter": dt,
@@ -297,39 +237,7 @@ def main():
     print(f"\nconfig: {c}, ppo_epochs={args.ppo_epochs}, minibatch={args.minibatch}, ", end="")
     print(f"warmup={args.warmup}, repeats={args.repeats}, worker logs: {log_dir}\n", flush=True)
 
-    workers, samples, notes, cpu = {}, {}, [], {}
-
-    def call(k, command, what):
-        try:
-            res = request(workers[k], command)
-        except RuntimeError as e:
-            notes.append(f"{NAMES[k]}: {what}: {e}")
-            print(f"NOTE: {notes[-1]}", flush=True)
-            del workers[k]
-            return None
-        cpu[k] = res["cpu_s"]  # the workers' CPU time is this benchmark's, not "others"
-        if res["threads"] != args.threads:
-            notes.append(f"{NAMES[k]} ran with {res['threads']} threads, not {args.threads}")
-        return res
-
-    for k in keys:  # built one at a time, so imports and model builds do not overlap
-        workers[k] = spawn(k, args, log_dir)
-        if ready := call(k, None, "skipped"):
-            samples[k] = {"params": ready["params"], "setup_rss_mb": ready["rss_mb"], "runs": []}
-    start = cpu_snapshot()
-    start = start and (*start[:2], start[2] + sum(cpu.values()))
-    for i in range(args.warmup + args.repeats):
-        for k in list(workers):
-            if res := call(k, "step", f"failed in iteration {i}"):
-                samples[k]["peak_rss_mb"] = res["rss_mb"]
-                samples[k]["runs"] += [res] if i >= args.warmup else []
-        print(f"iteration {i + 1}/{args.warmup + args.repeats} done", flush=True)
-    end = cpu_snapshot()
-    info["others_cpu_during"] = others_busy(start, end and (*end[:2], end[2] + sum(cpu.values())))
-    for proc, reader, _ in workers.values():
-        proc.stdin.close()
-        proc.wait(timeout=120)
-        reader.close()
+    samples, notes = run_interleaved(__file__, keys, NAMES, worker_flags(args), args, log_dir, info)
 
     results = {k: summarize(s, c) for k, s in samples.items() if s["runs"]}
     for k, s in samples.items():
