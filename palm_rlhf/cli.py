@@ -450,10 +450,9 @@ def read_prompts(spec: str, num_prompts: int | None) -> list[str]:
 
 def run_ppo(args: argparse.Namespace) -> None:
     from .config import PPOConfig
-    from .plot import write_ppo_curves
     from .reward import RewardModel
     from .rl.ppo import PPOTrainer
-    from .runs import claim_run_dir, read_metrics
+    from .runs import claim_run_dir
 
     for name in ("iterations", "checkpoint_every"):
         if getattr(args, name) < (1 if name == "iterations" else 0):
@@ -485,6 +484,15 @@ def run_ppo(args: argparse.Namespace) -> None:
         out_dir=args.out,
         overwrite=args.overwrite,
     )
+    run_online_stage(trainer, args, state_dir, "ppo")
+
+
+def run_online_stage(trainer: Any, args: argparse.Namespace, state_dir: Path, stage: str) -> None:
+    """The end `ppo` and `grpo` share: resume, train up to --iterations in all, save the state
+    and OUT/policy, draw the curves and print the last iteration."""
+    from .plot import write_ppo_curves
+    from .runs import read_metrics
+
     if args.resume:
         trainer.load(state_dir)
     remaining = args.iterations - trainer.iteration
@@ -498,10 +506,11 @@ def run_ppo(args: argparse.Namespace) -> None:
         checkpoint_dir=state_dir,
     )
     trainer.save(state_dir)
+    accelerator = trainer.accelerator
     if accelerator.is_main_process:
         trainer.policy.save_pretrained(args.out / "policy")
-        history = read_metrics(args.out / "ppo_metrics.jsonl")
-        plots = write_ppo_curves(history, args.out, title="palm-rlhf ppo")
+        history = read_metrics(args.out / f"{stage}_metrics.jsonl")
+        plots = write_ppo_curves(history, args.out, title=f"palm-rlhf {stage}", stage=stage)
         last = history[-1]
         print(
             f"done: iteration {last['iteration']}, score_mean={last['score_mean']:.4g}, "

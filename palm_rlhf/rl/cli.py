@@ -121,12 +121,11 @@ def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> None:
-    from ..cli import dataclass_from_args, make_accelerator
+    from ..cli import dataclass_from_args, make_accelerator, run_online_stage
     from ..palm import PaLM
-    from ..plot import write_ppo_curves
     from ..prompts import read_prompts
     from ..reward import RewardModel
-    from ..runs import claim_run_dir, read_metrics
+    from ..runs import claim_run_dir
     from ..tokenizer import ByteTokenizer
     from .configs import GRPOConfig
     from .grpo import GRPOTrainer, reward_functions
@@ -172,26 +171,7 @@ def run_grpo(args: argparse.Namespace) -> None:
         out_dir=args.out,
         overwrite=args.overwrite,
     )
-    if args.resume:
-        trainer.load(state_dir)
-    remaining = args.iterations - trainer.iteration
-    if remaining <= 0:
-        print(f"nothing to do: {state_dir} is at iteration {trainer.iteration} >= --iterations")
-        return
-    trainer.train(remaining, args.time_limit_s, args.checkpoint_every, state_dir)
-    trainer.save(state_dir)
-    if accelerator.is_main_process:
-        trainer.policy.save_pretrained(args.out / "policy")
-        history = read_metrics(args.out / "grpo_metrics.jsonl")
-        plots = write_ppo_curves(history, args.out, title="palm-rlhf grpo", stage="grpo")
-        last = history[-1]
-        print(
-            f"done: iteration {last['iteration']}, score_mean={last['score_mean']:.4g}, "
-            f"kl_ref={last['kl_ref']:.4g}; processes={accelerator.num_processes}; "
-            f"policy in {args.out / 'policy'}; curves in {plots['png'] or plots['csv']}"
-        )
-        if plots.get("message"):
-            print(plots["message"])
+    run_online_stage(trainer, args, state_dir, "grpo")
 
 
 def add_dpo_parser(subparsers: argparse._SubParsersAction) -> None:
