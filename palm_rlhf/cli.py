@@ -47,7 +47,6 @@ def add_dataclass_options(
         if field.name in skip:
             continue
         default = field.default
-        kind = type(default) if default is not dataclasses.MISSING else int
         help_text = docs.get(field.name, "")
         if defaults_from_preset:
             help_text += " (default: from --preset)"
@@ -57,9 +56,27 @@ def add_dataclass_options(
             _flag(field.name),
             dest=field.name,
             default=None,
-            type=_parse_bool if kind is bool else kind,
+            type=_option_type(field),
             help=help_text,
         )
+
+
+def _option_type(field: dataclasses.Field) -> Any:
+    """The argparse type of a config field: from its default, or from its annotation where
+    the default (None, an empty tuple) does not say. Tuples are given comma-separated."""
+    annotation = str(field.type)
+    if annotation == "tuple[str, ...]":
+        return lambda text: tuple(item.strip() for item in text.split(","))
+    if annotation == "tuple[bool, ...]":
+        return lambda text: tuple(_parse_bool(item.strip()) for item in text.split(","))
+    if annotation == "int | None" or field.default is dataclasses.MISSING:
+        return int
+    if annotation == "float | None":
+        return float
+    kind = type(field.default)
+    if kind not in (bool, int, float, str):
+        raise TypeError(f"{field.name}: no command-line type for {annotation}")
+    return _parse_bool if kind is bool else kind
 
 
 def given_options(cls: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> list[str]:
@@ -107,12 +124,21 @@ def add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
+    """`cls` from `base` and the flags given; a field the config refuses is named by its flag."""
     values = dict(base)
+    given = set()
     for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = value
-    return cls(**values)
+            given.add(field.name)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        field, _, reason = str(error).partition(": ")
+        if field in given or (field in values and hasattr(args, field)):
+            raise ValueError(f"{_flag(field)}: {reason}") from None
+        raise
 
 
 def print_done(last: dict[str, Any], out: Path, num_processes: int = 1) -> None:

@@ -43,7 +43,10 @@ class PaLMConfig:
     dim_head: int = 64
     """Width of each attention head."""
     ff_mult: int = 4
-    """SwiGLU hidden width as a multiple of dim."""
+    """SwiGLU hidden width as a multiple of dim (ignored when ff_inner is set)."""
+    ff_inner: int | None = None
+    """Explicit SwiGLU hidden width, for widths that are not a multiple of dim (Cohere's
+    Command-R: 22528 for dim 8192); None means dim * ff_mult."""
     max_seq_len: int = 2048
     """Longest sequence (prompt + generated tokens) the model accepts."""
     rotary_base: float = 10000.0
@@ -60,6 +63,21 @@ class PaLMConfig:
     """Dropout on the block output during training (RLHF turns all dropout off)."""
     z_loss_weight: float = 0.0
     """Weight of PaLM's auxiliary log(Z)^2 loss that keeps the softmax normaliser near 1 [1e-4]."""
+    qk_layernorm: bool = False
+    """LayerNorm (no bias) on each query and key head before rotary, with a learned weight per
+    head and channel, as Cohere's use_qk_norm; an alternative to the cosine qk_norm."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (Cohere's layer_norm_eps)."""
+    logit_scale: float = 1.0
+    """Multiplier on the output logits (Cohere's logit_scale, 0.0625 on Command-R)."""
+    layer_types: tuple[str, ...] = ()
+    """Attention of each layer, 'full' or 'sliding' (a window of sliding_window keys); empty
+    means every layer is full. Cohere2 alternates three sliding layers and one full one."""
+    sliding_window: int | None = None
+    """Keys a query of a sliding layer attends to, itself included (only with layer_types)."""
+    rotary_layers: tuple[bool, ...] = ()
+    """Whether each layer rotates queries and keys; empty means every layer does. Cohere2
+    rotates on its sliding layers only, so its full layers see no positions at all."""
     causal: bool = True
     """Causal (decoder) attention; False gives bidirectional attention (no generation)."""
     init_std: float = 0.02
@@ -105,17 +123,72 @@ class PaLMConfig:
         _check(
             self.qk_norm_scale > 0, "qk_norm_scale", f"must be positive, got {self.qk_norm_scale}"
         )
+        self._check_cohere_options()
+
+    def _check_cohere_options(self) -> None:
+        _check(
+            self.ff_inner is None or _positive_int(self.ff_inner),
+            "ff_inner",
+            f"must be a positive int or None, got {self.ff_inner!r}",
+        )
+        _check(
+            not (self.qk_norm and self.qk_layernorm),
+            "qk_layernorm",
+            "excludes qk_norm (the cosine qk-norm): choose one",
+        )
+        _check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        _check(self.logit_scale > 0, "logit_scale", f"must be positive, got {self.logit_scale}")
+        # JSON brings lists back; the frozen config keeps tuples (hashable, immutable).
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "rotary_layers", tuple(self.rotary_layers))
+        for name in ("layer_types", "rotary_layers"):
+            length = len(getattr(self, name))
+            _check(
+                length in (0, self.depth),
+                name,
+                f"needs one entry per layer (depth={self.depth}) or none, got {length}",
+            )
+        unknown = sorted(set(self.layer_types) - {"full", "sliding"})
+        _check(not unknown, "layer_types", f"entries must be 'full' or 'sliding', got {unknown}")
+        bad = [v for v in self.rotary_layers if not isinstance(v, bool)]
+        _check(not bad, "rotary_layers", f"entries must be true or false, got {bad}")
+        sliding = "sliding" in self.layer_types
+        _check(
+            self.sliding_window is None or _positive_int(self.sliding_window),
+            "sliding_window",
+            f"must be a positive int or None, got {self.sliding_window!r}",
+        )
+        _check(not sliding or self.causal, "layer_types", "'sliding' layers need causal=True")
+        _check(
+            sliding == (self.sliding_window is not None),
+            "sliding_window",
+            "is required by 'sliding' layers and only allowed with them",
+        )
 
     @property
     def ff_inner_dim(self) -> int:
-        return self.dim * self.ff_mult
+        return self.ff_inner if self.ff_inner is not None else self.dim * self.ff_mult
+
+    def layer_type(self, index: int) -> str:
+        return self.layer_types[index] if self.layer_types else "full"
+
+    def layer_has_rotary(self, index: int) -> bool:
+        return self.rotary_layers[index] if self.rotary_layers else True
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON form: tuples become lists, as they come back from a config.json."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
         return config_from_dict(cls, data)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -40,8 +40,11 @@ class Rotary(nn.Module):
     def __init__(self, config: PaLMConfig) -> None:
         super().__init__()
         half = config.dim_head // 2
-        inv_freq = config.rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # The float32 formula Hugging Face uses, to the bit: an imported model must see the
+        # angles it was trained with (a 1-ulp frequency error is 1e-3 rad at position 8k).
+        steps = torch.arange(0, config.dim_head, 2, dtype=torch.float32) / config.dim_head
+        inv_freq = 1.0 / (config.rotary_base**steps)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         # xPos per-frequency decay base in (0, 1); the offset keeps positions centred so that
         # s^pos stays within float32 range up to max_seq_len.
         xpos_base = (torch.arange(half, dtype=torch.float32) + 0.4 * half) / (1.4 * half)
@@ -82,9 +85,12 @@ class ParallelBlock(nn.Module):
     "parallel layers"), so a layer runs three matrix products, not five. No biases anywhere.
     """
 
-    def __init__(self, config: PaLMConfig) -> None:
+    def __init__(self, config: PaLMConfig, index: int = 0) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
+        self.sliding = config.layer_type(index) == "sliding"
+        self.use_rotary = config.layer_has_rotary(index)
+        self.norm_eps = config.norm_eps
         inner = config.ff_inner_dim
         self.split_sizes = (
             (config.heads + config.kv_heads) * config.dim_head,  # q and k, rotated together
@@ -92,7 +98,7 @@ class ParallelBlock(nn.Module):
             inner,  # SwiGLU value
             inner,  # SwiGLU gate
         )
-        self.norm = nn.LayerNorm(config.dim, bias=False)
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.fused_proj = LoRALinear(config.dim, sum(self.split_sizes))
         self.attn_out = LoRALinear(config.heads * config.dim_head, config.dim)
         self.ff_out = LoRALinear(inner, config.dim)
@@ -100,18 +106,25 @@ class ParallelBlock(nn.Module):
         self.qk_scale = (
             nn.Parameter(torch.tensor(float(config.qk_norm_scale))) if config.qk_norm else None
         )
+        # Cohere's qk-norm: one LayerNorm weight per head and channel, query heads first.
+        self.qk_norm_weight = (
+            nn.Parameter(torch.ones(config.heads + config.kv_heads, config.dim_head))
+            if config.qk_layernorm
+            else None
+        )
 
     def forward(
         self,
         x: Tensor,
         rotary: RotaryTables,
-        attn_mask: Tensor | None,
+        attn_mask: Tensor | None | dict[str, tuple[Tensor | None, bool]],
         is_causal: bool,
         cache_layer: tuple[Tensor, Tensor] | None = None,
         cache_start: int = 0,
         lora_scope: str | None = None,
     ) -> Tensor:
-        """x: (b, n, dim). attn_mask: bool (b, 1, n, m) or None. cache_layer: preallocated
+        """x: (b, n, dim). attn_mask: bool (b, 1, n, m) or None, or a dict of
+        (mask, is_causal) by layer type when the model has sliding layers. cache_layer: preallocated
         (keys, values), each (b, k, max_len, d); this call writes positions
         [cache_start, cache_start + n) and attends to everything before them too."""
         normed = self.norm(x)
@@ -124,7 +137,10 @@ class ParallelBlock(nn.Module):
             qk = F.normalize(qk, dim=-1)
             qk = torch.cat((qk[:, :, : self.heads] * self.qk_scale, qk[:, :, self.heads :]), 2)
             scale = 1.0
-        qk = apply_rotary(qk, rotary.cos, rotary.sin)
+        elif self.qk_norm_weight is not None:
+            qk = self.qk_norm_weight * F.layer_norm(qk, (self.dim_head,), eps=self.norm_eps)
+        if self.use_rotary:
+            qk = apply_rotary(qk, rotary.cos, rotary.sin)
         q = rearrange(qk[:, :, : self.heads], "b n h d -> b h n d")
         k = rearrange(qk[:, :, self.heads :], "b n k d -> b k n d")
         v = rearrange(v, "b n (k d) -> b k n d", k=self.kv_heads)
@@ -136,6 +152,8 @@ class ParallelBlock(nn.Module):
             cache_values[:, :, cache_start:end] = v
             k, v = cache_keys[:, :, :end], cache_values[:, :, :end]
 
+        if isinstance(attn_mask, dict):
+            attn_mask, is_causal = attn_mask["sliding" if self.sliding else "full"]
         attn = self._attend(q, k, v, attn_mask, is_causal, scale)  # (b, n, h * d)
         out = self.attn_out(attn, lora_scope) + self.ff_out(F.silu(ff_gate) * ff_value, lora_scope)
         if self.dropout > 0 and self.training:

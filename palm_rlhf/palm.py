@@ -40,8 +40,8 @@ class PaLM(nn.Module):
         self.config = config
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         self.rotary = Rotary(config)
-        self.blocks = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(config.dim, bias=False)
+        self.blocks = nn.ModuleList(ParallelBlock(config, i) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.lora_configs: dict[str, LoRAConfig] = {}
         self._init_weights()
 
@@ -70,8 +70,9 @@ class PaLM(nn.Module):
         )
 
     def to_logits(self, hidden: Tensor) -> Tensor:
-        """Tied output embedding: logits = hidden @ token_emb^T."""
-        return F.linear(hidden, self.token_emb.weight)
+        """Tied output embedding: logits = logit_scale * hidden @ token_emb^T."""
+        logits = F.linear(hidden, self.token_emb.weight)
+        return logits if self.config.logit_scale == 1.0 else logits * self.config.logit_scale
 
     def forward_hidden(
         self,
@@ -100,6 +101,10 @@ class PaLM(nn.Module):
             padded = cache.note_padding(padded)
         key_mask = cache.write_mask(mask) if cache is not None else mask
         attn_mask, is_causal = self._attention_mask(key_mask, tokens.shape[1], past, padded)
+        if "sliding" in self.config.layer_types:
+            attn_mask = self._masks_by_layer_type(
+                (attn_mask, is_causal), key_mask, tokens.shape[1], past
+            )
         rotary = self.rotary(positions)
 
         x = self.token_emb(tokens)  # (b, n, d)
@@ -183,6 +188,23 @@ class PaLM(nn.Module):
         if causal:
             allowed = allowed & (key_pos <= query_pos)
         return allowed | (key_pos == query_pos), False
+
+    def _masks_by_layer_type(
+        self, full: tuple[Tensor | None, bool], key_mask: Tensor, n: int, past: int
+    ) -> dict[str, tuple[Tensor | None, bool]]:
+        """The (attn_mask, is_causal) of full layers and of sliding ones, where a query at slot
+        i sees the keys at slots (i - sliding_window, i], as Hugging Face's Cohere2 does. Slots
+        count padding, but a row's real tokens are contiguous, so a window of slots is a
+        window of real tokens too."""
+        window = self.config.sliding_window
+        if past + n <= window:  # no key is old enough to fall out of any window
+            return {"full": full, "sliding": full}
+        m = key_mask.shape[1]
+        query_pos = torch.arange(past, past + n, device=key_mask.device)[:, None]  # (n, 1)
+        key_pos = torch.arange(m, device=key_mask.device)[None, :]  # (1, m)
+        in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
+        allowed = key_mask[:, None, None, :] & in_window  # (b, 1, n, m)
+        return {"full": full, "sliding": (allowed | (key_pos == query_pos), False)}
 
     # ----------------------------------------------------------------------------- helpers
 

@@ -163,6 +163,10 @@ SPECIAL = {
     "--kv-heads": lambda root, sub: "2",
     "--heads": lambda root, sub: "2",
     "--dim-head": lambda root, sub: "16",
+    "--ff-inner": lambda root, sub: "100",
+    "--layer-types": lambda root, sub: "full,full,full,full",  # the tiny preset's depth 4
+    "--rotary-layers": lambda root, sub: "true,false,true,false",
+    "--sliding-window": lambda root, sub: "4",  # refused: no sliding layer asks for it
     "--rating-bins": lambda root, sub: "3",
     "--reward-fn": lambda root, sub: "palm_rlhf.arithmetic:exact_match:2",
     "--estimator": lambda root, sub: "rloo",

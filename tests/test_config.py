@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -33,9 +34,11 @@ def config(**overrides) -> PaLMConfig:
     return PaLMConfig(**{**BASE, **overrides})
 
 
-def every_field_changed() -> PaLMConfig:
-    """A config where no field holds its default, so a round trip that drops one is caught."""
-    return PaLMConfig(
+def every_field_changed() -> list[PaLMConfig]:
+    """Configs where every field leaves its default in at least one of them, so a round trip
+    that drops a field is caught. Two, because some options exclude each other (the cosine
+    and the LayerNorm qk-norm; sliding layers and a bidirectional model)."""
+    common = dict(
         num_tokens=33,
         dim=48,
         depth=3,
@@ -47,13 +50,24 @@ def every_field_changed() -> PaLMConfig:
         rotary_base=500.5,
         use_xpos=True,
         xpos_scale_base=256.0,
-        qk_norm=True,
         qk_norm_scale=7.5,
         dropout=0.25,
         z_loss_weight=1e-4,
-        causal=False,
         init_std=0.01,
+        norm_eps=1e-6,
+        logit_scale=0.0625,
     )
+    return [
+        PaLMConfig(**common, qk_norm=True, causal=False),
+        PaLMConfig(
+            **common,
+            ff_inner=100,
+            qk_layernorm=True,
+            layer_types=("sliding", "full", "sliding"),
+            sliding_window=5,
+            rotary_layers=(True, False, True),
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -61,17 +75,17 @@ def every_field_changed() -> PaLMConfig:
 
 def test_every_field_changed_really_changes_every_field():
     defaults = PaLMConfig(num_tokens=1)
-    changed = every_field_changed()
     same = [
         f.name
         for f in dataclasses.fields(PaLMConfig)
-        if getattr(defaults, f.name) == getattr(changed, f.name)
+        if all(getattr(defaults, f.name) == getattr(c, f.name) for c in every_field_changed())
     ]
     assert same == []
 
 
-def test_palm_config_json_round_trip(tmp_path):
-    original = every_field_changed()
+@pytest.mark.parametrize("which", [0, 1])
+def test_palm_config_json_round_trip(tmp_path, which):
+    original = every_field_changed()[which]
     path = tmp_path / "config.json"
     save_config(original, path)
     on_disk = json.loads(path.read_text())
@@ -79,10 +93,12 @@ def test_palm_config_json_round_trip(tmp_path):
     loaded = load_config(PaLMConfig, path)
     assert loaded == original
     assert type(loaded.rotary_base) is float and type(loaded.use_xpos) is bool
+    assert type(loaded.layer_types) is tuple and type(loaded.rotary_layers) is tuple
 
 
-def test_palm_config_dict_round_trip():
-    original = every_field_changed()
+@pytest.mark.parametrize("which", [0, 1])
+def test_palm_config_dict_round_trip(which):
+    original = every_field_changed()[which]
     assert PaLMConfig.from_dict(original.to_dict()) == original
     assert PaLMConfig.from_dict(json.loads(json.dumps(original.to_dict()))) == original
 
@@ -104,6 +120,54 @@ def test_lora_targets_list_is_stored_as_tuple():
 
 def test_ff_inner_dim_is_dim_times_ff_mult():
     assert config(dim=32, ff_mult=3).ff_inner_dim == 96
+
+
+def test_explicit_ff_inner_overrides_ff_mult():
+    assert config(dim=32, ff_mult=3, ff_inner=70).ff_inner_dim == 70
+
+
+def test_layer_lookups_default_to_full_attention_with_rotary():
+    plain = config(depth=3)
+    assert [plain.layer_type(i) for i in range(3)] == ["full"] * 3
+    assert [plain.layer_has_rotary(i) for i in range(3)] == [True] * 3
+    mixed = config(
+        depth=3,
+        layer_types=["sliding", "full", "sliding"],
+        sliding_window=4,
+        rotary_layers=[True, False, True],
+    )
+    assert [mixed.layer_type(i) for i in range(3)] == ["sliding", "full", "sliding"]
+    assert [mixed.layer_has_rotary(i) for i in range(3)] == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    "overrides, field, message",
+    [
+        ({"ff_inner": 0}, "ff_inner", "positive int"),
+        ({"qk_norm": True, "qk_layernorm": True}, "qk_layernorm", "excludes qk_norm"),
+        ({"norm_eps": 0.0}, "norm_eps", "positive"),
+        ({"logit_scale": -1.0}, "logit_scale", "positive"),
+        ({"layer_types": ("full",)}, "layer_types", "one entry per layer (depth=2)"),
+        ({"layer_types": ("full", "local")}, "layer_types", "'local'"),
+        ({"rotary_layers": (True,)}, "rotary_layers", "one entry per layer"),
+        ({"rotary_layers": (True, 1)}, "rotary_layers", "true or false"),
+        ({"layer_types": ("sliding", "full")}, "sliding_window", "required by 'sliding'"),
+        ({"sliding_window": 4}, "sliding_window", "only allowed with them"),
+        (
+            {"layer_types": ("sliding", "full"), "sliding_window": 4, "causal": False},
+            "layer_types",
+            "need causal=True",
+        ),
+        (
+            {"layer_types": ("sliding", "full"), "sliding_window": 0},
+            "sliding_window",
+            "positive int",
+        ),
+    ],
+)
+def test_cohere_options_are_validated(overrides, field, message):
+    with pytest.raises(ValueError, match=rf"^{field}:.*{re.escape(message)}"):
+        config(**overrides)
 
 
 # ----------------------------------------------------------------------------- unknown keys

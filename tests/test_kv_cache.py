@@ -29,8 +29,10 @@ def test_chunked_prefill_equals_full_forward():
         torch.testing.assert_close(torch.cat(chunks, 1), model(tokens), atol=1e-5, rtol=0)
 
 
-def test_left_padded_cached_decoding_equals_full_forward():
-    model = tiny_model()
+@pytest.mark.parametrize("name", ["mqa", "sliding"])
+def test_left_padded_cached_decoding_equals_full_forward(name):
+    # "sliding": the window (5) is passed while decoding, with 4 padding slots in row 0.
+    model = tiny_model(**CONFIGS[name])
     tokens = torch.randint(0, 39, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.bool)
     tokens[0, :4], mask[0, :4] = 39, False

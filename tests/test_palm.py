@@ -15,6 +15,16 @@ CONFIGS = {
     "mha": {"kv_heads": 4},
     "xpos": {"use_xpos": True},
     "qk_norm": {"qk_norm": True},
+    # Cohere's options: per-head LayerNorm qk-norm, a feed-forward width that is no multiple
+    # of dim, its own norm epsilon and a logit scale.
+    "cohere": {"qk_layernorm": True, "ff_inner": 50, "norm_eps": 1e-3, "logit_scale": 0.5},
+    # Cohere2's: a sliding-window layer with rotary beside a full one without, under GQA.
+    "sliding": {
+        "layer_types": ("sliding", "full"),
+        "sliding_window": 5,
+        "rotary_layers": (True, False),
+        "kv_heads": 2,
+    },
 }
 
 
@@ -23,11 +33,11 @@ def rotate(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def reference_block(block, x, positions, config):
+def reference_block(block, x, positions, config, index):
     """A slow, literal PaLM block: explicit per-head softmax attention, no SDPA, no folding."""
     h, k_heads, d = config.heads, config.kv_heads, config.dim_head
-    normed = F.layer_norm(x, (config.dim,), block.norm.weight)
-    inner = config.dim * config.ff_mult
+    normed = F.layer_norm(x, (config.dim,), block.norm.weight, eps=config.norm_eps)
+    inner = config.ff_inner or config.dim * config.ff_mult
     sizes = (h * d, k_heads * d, k_heads * d, inner, inner)
     q, k, v, value, gate = (normed @ block.fused_proj.weight.T).split(sizes, dim=-1)
     q = rearrange(q, "b n (h d) -> b h n d", h=h)
@@ -37,6 +47,11 @@ def reference_block(block, x, positions, config):
     if config.qk_norm:
         q, k = F.normalize(q, dim=-1) * block.qk_scale, F.normalize(k, dim=-1)
         scale = 1.0
+    if config.qk_layernorm:
+        weight_q, weight_k = block.qk_norm_weight[:h, None], block.qk_norm_weight[h:, None]
+        # k is already repeated to h heads: repeat its weights the same way.
+        q = F.layer_norm(q, (d,), eps=config.norm_eps) * weight_q
+        k = F.layer_norm(k, (d,), eps=config.norm_eps) * weight_k.repeat_interleave(h // k_heads, 0)
     inv_freq = config.rotary_base ** (-torch.arange(d // 2).double() / (d // 2))
     angles = (positions[:, None, :, None].double() * inv_freq).float()
     cos, sin = angles.cos(), angles.sin()
@@ -46,11 +61,14 @@ def reference_block(block, x, positions, config):
             (positions[:, None, :, None] - config.max_seq_len // 2) / config.xpos_scale_base
         )
         q, k = rotate(q, cos * s, sin * s), rotate(k, cos / s, sin / s)
-    else:
+    elif not config.rotary_layers or config.rotary_layers[index]:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     scores = (q @ k.transpose(-1, -2)) * scale
     n = x.shape[1]
-    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if config.layer_types and config.layer_types[index] == "sliding":
+        allowed &= torch.ones(n, n, dtype=torch.bool).triu(-(config.sliding_window - 1))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     attn = rearrange(scores.softmax(-1) @ v, "b h n d -> b n (h d)")
     ff = F.silu(gate) * value
     return x + attn @ block.attn_out.weight.T + ff @ block.ff_out.weight.T
@@ -62,9 +80,11 @@ def test_forward_matches_literal_reference(name):
     tokens = torch.randint(0, 40, (2, 12))
     positions = torch.arange(12).expand(2, 12)
     x = model.token_emb(tokens)
-    for block in model.blocks:
-        x = reference_block(block, x, positions, model.config)
-    expected = F.layer_norm(x, (model.config.dim,), model.norm.weight) @ model.token_emb.weight.T
+    config = model.config
+    for index, block in enumerate(model.blocks):
+        x = reference_block(block, x, positions, config, index)
+    normed = F.layer_norm(x, (config.dim,), model.norm.weight, eps=config.norm_eps)
+    expected = config.logit_scale * normed @ model.token_emb.weight.T
     torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
