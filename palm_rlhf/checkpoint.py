@@ -12,18 +12,19 @@ import ctypes
 import errno
 import functools
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
@@ -192,28 +193,108 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# safetensors' names for torch dtypes (the format's header spells them this way).
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class TensorPlan(NamedTuple):
+    """One tensor of a safetensors file to be written: its shape and dtype are known up front
+    (they fix the header), its values are computed only when its turn to be written comes."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+
+def planned(tensor: torch.Tensor) -> TensorPlan:
+    """The plan of a tensor already in memory."""
+    return TensorPlan(tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+
+def write_safetensors(handle: BinaryIO, plans: dict[str, TensorPlan]) -> None:
+    """Write a safetensors file one tensor at a time, each computed only when it is written:
+    a conversion (`palm_rlhf.hf`) never holds more than one converted tensor, where
+    safetensors' save_file needs every tensor in memory at once. Layout, from the format's
+    specification: an
+    8-byte little-endian header length, a JSON header (names -> dtype, shape, byte range;
+    padded with spaces to a multiple of 8), then the raw little-endian bytes in header order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, plan in plans.items():
+        if plan.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: cannot store dtype {plan.dtype} in safetensors")
+        size = math.prod(plan.shape) * plan.dtype.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[plan.dtype],
+            "shape": list(plan.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    handle.write(struct.pack("<Q", len(text)))
+    handle.write(text)
+    for name, plan in plans.items():
+        tensor = plan.produce().detach()
+        if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
+            raise ValueError(
+                f"{name}: planned {plan.shape} {plan.dtype}, produced "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if sys.byteorder != "little" and tensor.dtype.itemsize > 1:
+            raise NotImplementedError("writing safetensors on a big-endian machine")
+        handle.write(memoryview(data.numpy()))
+
+
 def save_model_dir(
     directory: str | Path,
     state_dict: dict[str, torch.Tensor],
     json_files: dict[str, Any],
     extra_tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write `json_files` (name -> JSON-able object; None skips it), the weights as
-    model.safetensors and any `extra_tensor_files` (name -> tensors), all in one atomic swap."""
+    """Write `json_files` (name -> JSON-able object, or a str written as it is; None skips
+    it), the weights as model.safetensors and any `extra_tensor_files` (name -> tensors), all
+    in one atomic swap."""
     tensor_files = {WEIGHTS_NAME: state_dict, **(extra_tensor_files or {})}
-    tensor_files = {
-        name: {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    plans = {
+        name: {key: planned(t) for key, t in tensors.items()}
         for name, tensors in tensor_files.items()
     }
+    save_planned_dir(directory, plans, json_files)
+
+
+def save_planned_dir(
+    directory: str | Path,
+    tensor_files: dict[str, dict[str, TensorPlan]],
+    files: dict[str, Any],
+    owned_names: Iterable[str] = (),
+) -> None:
+    """`save_model_dir` for tensors that are computed as they are written (`TensorPlan`);
+    `owned_names` are more names an existing `directory` may hold and still be replaced."""
 
     def fill(tmp: Path) -> None:
-        for name, obj in json_files.items():
-            if obj is not None:
+        for name, obj in files.items():
+            if isinstance(obj, str):
+                (tmp / name).write_text(obj, encoding="utf-8")
+            elif obj is not None:
                 (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        for name, tensors in tensor_files.items():
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for name, plans in tensor_files.items():
+            with open(tmp / name, "wb") as handle:
+                write_safetensors(handle, plans)
 
-    replace_dir_atomic(directory, fill, [*json_files, *tensor_files])
+    replace_dir_atomic(directory, fill, [*files, *tensor_files, *owned_names])
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -266,13 +347,16 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; anything else (a pickle, a torch.save zip) is refused unread."""
+def load_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, tensor by tensor, casting floating-point tensors to `dtype`
+    as each is read (so an upcast never holds the file's copy and the cast one at once);
+    anything else (a pickle, a torch.save zip) is refused unread."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing weights file")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: cast(handle.get_tensor(name), dtype) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"{path}: not a valid safetensors file ({error}); refusing to load it "
@@ -280,8 +364,19 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict with an error that lists every missing, unexpected or misshapen tensor."""
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating point and a dtype is asked for, else itself."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: Path, assign: bool = False
+) -> None:
+    """load_state_dict with an error that lists every missing, unexpected or misshapen tensor.
+    assign=True adopts the given tensors (and their dtype) instead of copying into the
+    model's: the way to fill a model built on the meta device."""
     expected = model.state_dict()
     problems = []
     missing = sorted(set(expected) - set(state))
@@ -298,7 +393,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
             )
     if problems:
         raise ValueError(f"{source}: weights do not match the config: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def latest_pointer(root: Path) -> Path | None:
@@ -327,9 +422,18 @@ def load_model_dir(
     directory: str | Path,
     build: Callable[[dict[str, Any]], M],
     json_names: Iterable[str],
+    dtype: torch.dtype | None = None,
+    text_names: Iterable[str] = (),
 ) -> M:
-    """Read the JSON files (the first is required), `build` the model from them, load weights.
-    A run directory stands for its latest checkpoint (`resolve_run_dir`)."""
+    """Read the JSON files (the first is required) and the text files that are there, `build`
+    the model from them (JSON parsed, text as str, None where absent), load weights. A run
+    directory stands for its latest checkpoint (`resolve_run_dir`).
+
+    The model is built on the meta device (no memory, no initialisation) and takes the file's
+    tensors as its own (assign=True): loading holds one copy of the weights, in the file's
+    dtype, or in `dtype` when one is given (cast tensor by tensor). Non-persistent buffers,
+    which no file holds, are rebuilt by each module's `rebuild_buffers()`.
+    """
     directory = resolve_run_dir(Path(directory))
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
@@ -340,10 +444,22 @@ def load_model_dir(
         files[name] = read_json(path) if path.is_file() else None
     if files[names[0]] is None:
         raise FileNotFoundError(f"{directory / names[0]}: missing")
+    for name in text_names:
+        path = directory / name
+        files[name] = path.read_text(encoding="utf-8") if path.is_file() else None
     try:
-        model = build(files)
+        with torch.device("meta"):
+            model = build(files)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{directory}: bad config: {error}") from None
     weights = directory / WEIGHTS_NAME
-    load_state_strict(model, load_safetensors(weights), weights)
+    load_state_strict(model, load_safetensors(weights, dtype), weights, assign=True)
+    for module in model.modules():
+        if hasattr(module, "rebuild_buffers"):
+            module.rebuild_buffers()
+    still_meta = [
+        name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+    ]
+    if still_meta:
+        raise RuntimeError(f"{directory}: tensors left unloaded after loading: {still_meta}")
     return model

@@ -39,20 +39,26 @@ class Rotary(nn.Module):
 
     def __init__(self, config: PaLMConfig) -> None:
         super().__init__()
-        half = config.dim_head // 2
-        # The float32 formula Hugging Face uses, to the bit: an imported model must see the
-        # angles it was trained with (a 1-ulp frequency error is 1e-3 rad at position 8k).
-        steps = torch.arange(0, config.dim_head, 2, dtype=torch.float32) / config.dim_head
-        inv_freq = 1.0 / (config.rotary_base**steps)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # xPos per-frequency decay base in (0, 1); the offset keeps positions centred so that
-        # s^pos stays within float32 range up to max_seq_len.
-        xpos_base = (torch.arange(half, dtype=torch.float32) + 0.4 * half) / (1.4 * half)
-        self.register_buffer("xpos_base", xpos_base, persistent=False)
+        self.config = config
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.register_buffer("xpos_base", None, persistent=False)
+        self.rebuild_buffers()
         self.use_xpos = config.use_xpos
         self.xpos_scale_base = config.xpos_scale_base
         self.xpos_offset = config.max_seq_len // 2
         self.heads, self.kv_heads = config.heads, config.kv_heads
+
+    def rebuild_buffers(self) -> None:
+        """Compute the frequency tables (not saved in checkpoints: they follow from the config;
+        a model loaded from the meta device calls this to get real ones)."""
+        config, half = self.config, self.config.dim_head // 2
+        # The float32 formula Hugging Face uses, to the bit: an imported model must see the
+        # angles it was trained with (a 1-ulp frequency error is 1e-3 rad at position 8k).
+        steps = torch.arange(0, config.dim_head, 2, dtype=torch.float32) / config.dim_head
+        self.inv_freq = 1.0 / (config.rotary_base**steps)
+        # xPos per-frequency decay base in (0, 1); the offset keeps positions centred so that
+        # s^pos stays within float32 range up to max_seq_len.
+        self.xpos_base = (torch.arange(half, dtype=torch.float32) + 0.4 * half) / (1.4 * half)
 
     def forward(self, positions: Tensor) -> RotaryTables:
         angles = positions[:, :, None, None].float() * self.inv_freq  # (b, n, 1, d/2)

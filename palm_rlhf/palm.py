@@ -19,8 +19,10 @@ from .config import LoRAConfig, PaLMConfig
 from .kv_cache import KVCache
 from .layers import ParallelBlock, Rotary
 from .lora import add_lora, check_scope
+from .tokenizer import TOKENIZER_FILES
 
 IGNORE_INDEX = -100
+CHECKPOINT_JSON = ("config.json", "lora.json")  # the JSON files of a PaLM checkpoint
 
 
 class PaLM(nn.Module):
@@ -43,6 +45,10 @@ class PaLM(nn.Module):
         self.blocks = nn.ModuleList(ParallelBlock(config, i) for i in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.lora_configs: dict[str, LoRAConfig] = {}
+        # The tokenizer this model reads, as the texts of its files (tokenizer.TOKENIZER_FILES;
+        # empty: the byte tokenizer). They travel with the model: every checkpoint saved from
+        # it holds them, so no stage can pair the weights with another vocabulary.
+        self.tokenizer_files: dict[str, str] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -239,26 +245,35 @@ class PaLM(nn.Module):
     # ----------------------------------------------------------------------------- checkpoints
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (+ lora.json) and model.safetensors, atomically."""
+        """Write config.json (+ lora.json), model.safetensors and the tokenizer's files,
+        atomically."""
         save_model_dir(directory, self.state_dict(), self.checkpoint_json())
 
     def checkpoint_json(self) -> dict[str, Any]:
-        """The JSON files of a checkpoint of this model (None = not written)."""
+        """The files of a checkpoint of this model besides its weights (name -> JSON object,
+        or text written as it is; None = not written)."""
         lora = {name: cfg.__dict__ for name, cfg in self.lora_configs.items()}
-        return {"config.json": self.config.to_dict(), "lora.json": lora or None}
+        tokenizer = {name: self.tokenizer_files.get(name) for name in TOKENIZER_FILES}
+        return {"config.json": self.config.to_dict(), "lora.json": lora or None, **tokenizer}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> PaLM:
-        """Load a `save_pretrained` directory; no pickle is ever read."""
-        directory = Path(directory)
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> PaLM:
+        """Load a `save_pretrained` directory; no pickle is ever read. The weights keep the
+        file's dtype unless `dtype` is given (a bf16 checkpoint loads as bf16, never through
+        float32); the tokenizer's files come along in `tokenizer_files`."""
+        return load_model_dir(
+            directory, cls.from_checkpoint_files, CHECKPOINT_JSON, dtype, TOKENIZER_FILES
+        )
 
-        def build(files: dict[str, dict | None]) -> PaLM:
-            model = cls(PaLMConfig.from_dict(files["config.json"]))
-            for scope, raw in (files.get("lora.json") or {}).items():
-                model.add_lora(scope, LoRAConfig(**raw), freeze_base=False)
-            return model
-
-        return load_model_dir(directory, build, ("config.json", "lora.json"))
+    @classmethod
+    def from_checkpoint_files(cls, files: dict[str, Any]) -> PaLM:
+        """The model a checkpoint's files describe (CHECKPOINT_JSON parsed, TOKENIZER_FILES as
+        text, None where absent), with its adapter scopes, before its weights are loaded."""
+        model = cls(PaLMConfig.from_dict(files["config.json"]))
+        for scope, raw in (files.get("lora.json") or {}).items():
+            model.add_lora(scope, LoRAConfig(**raw), freeze_base=False)
+        model.tokenizer_files = {n: files[n] for n in TOKENIZER_FILES if files.get(n) is not None}
+        return model
 
 
 def shift_targets(

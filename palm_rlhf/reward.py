@@ -26,9 +26,10 @@ from beartype import beartype
 from torch import Tensor, nn
 
 from .checkpoint import load_model_dir, save_model_dir
-from .config import LoRAConfig, PaLMConfig, _check, config_from_dict
+from .config import LoRAConfig, _check, config_from_dict
 from .lora import lora_parameters
-from .palm import PaLM
+from .palm import CHECKPOINT_JSON, PaLM
+from .tokenizer import TOKENIZER_FILES
 
 REWARD_SCOPE = "reward"
 
@@ -238,8 +239,11 @@ class RewardModel(nn.Module):
         return {**self.trunk.checkpoint_json(), "reward_config.json": self.config.to_dict()}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> RewardModel:
-        """Load a `save_pretrained` directory strictly; no pickle is ever read."""
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None
+    ) -> RewardModel:
+        """Load a `save_pretrained` directory strictly; no pickle is ever read. The weights keep
+        the file's dtype unless `dtype` is given."""
 
         def build(files: dict[str, Any]) -> RewardModel:
             if files["reward_config.json"] is None:
@@ -247,21 +251,23 @@ class RewardModel(nn.Module):
                     "missing reward_config.json (a plain PaLM checkpoint? use "
                     "RewardModel.from_palm_checkpoint)"
                 )
-            palm = PaLM(PaLMConfig.from_dict(files["config.json"]))
-            for scope, raw in (files["lora.json"] or {}).items():
-                palm.add_lora(scope, LoRAConfig(**raw), freeze_base=False)
+            palm = PaLM.from_checkpoint_files(files)
             return cls(palm, RewardConfig.from_dict(files["reward_config.json"]))
 
-        return load_model_dir(directory, build, ("config.json", "reward_config.json", "lora.json"))
+        names = (*CHECKPOINT_JSON, "reward_config.json")
+        return load_model_dir(directory, build, names, dtype, TOKENIZER_FILES)
 
     @classmethod
     def from_palm_checkpoint(
-        cls, directory: str | Path, config: RewardConfig = RewardConfig()
+        cls,
+        directory: str | Path,
+        config: RewardConfig = RewardConfig(),
+        dtype: torch.dtype | None = None,
     ) -> RewardModel:
         """A reward model whose trunk starts from a pretrained / SFT PaLM checkpoint; the heads
         are freshly initialised. LoRA scopes in the checkpoint other than 'reward' are loaded
         but never applied (merge an SFT adapter into the base first if the trunk should use it)."""
-        return cls(PaLM.from_pretrained(directory), config)
+        return cls(PaLM.from_pretrained(directory, dtype), config)
 
 
 # ----------------------------------------------------------------------------- losses

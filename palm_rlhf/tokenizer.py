@@ -16,6 +16,17 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+# The files a Hugging Face tokenizer is made of (`palm_rlhf.hf.tokenizer`). A checkpoint holds
+# them beside its weights when its model reads that tokenizer; a checkpoint without them reads
+# the byte tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

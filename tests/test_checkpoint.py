@@ -125,11 +125,84 @@ def test_crash_while_saving_weights_keeps_old_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("palm_rlhf.checkpoint.save_file", crash)
+    monkeypatch.setattr("palm_rlhf.checkpoint.write_safetensors", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         make_model(1).save_pretrained(tmp_path / "ckpt")
     assert listing(tmp_path) == ["ckpt"]
     assert torch.equal(logits(PaLM.from_pretrained(tmp_path / "ckpt")), logits(old))
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+     torch.int16, torch.int8, torch.uint8, torch.bool],
+)  # fmt: skip
+def test_streamed_safetensors_are_read_back_by_safetensors(tmp_path, dtype):
+    # Our writer against the library's reader, for every dtype, with odd sizes (the header
+    # padding), an empty tensor and a scalar; the writer computes each tensor only when written.
+    torch.manual_seed(0)
+    tensors = {
+        "odd": (torch.randn(3, 5) * 100).to(dtype),
+        "empty": torch.zeros(0, 4, dtype=dtype),
+        "scalar": torch.tensor(7).to(dtype),
+        "z.last": (torch.randn(17) * 100).to(dtype),
+    }
+    produced = []
+
+    def plan(name):
+        def produce():
+            produced.append(name)
+            return tensors[name]
+
+        return checkpoint.TensorPlan(tuple(tensors[name].shape), dtype, produce)
+
+    with open(tmp_path / "t.safetensors", "wb") as handle:
+        checkpoint.write_safetensors(handle, {name: plan(name) for name in tensors})
+    assert produced == list(tensors)
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_a_produced_tensor_that_breaks_its_plan_is_refused(tmp_path):
+    plans = {"w": checkpoint.TensorPlan((2, 2), torch.float32, lambda: torch.zeros(2, 3))}
+    with open(tmp_path / "t.safetensors", "wb") as handle, pytest.raises(ValueError, match="w:"):
+        checkpoint.write_safetensors(handle, plans)
+
+
+def test_bf16_checkpoint_loads_as_bf16_and_upcasts_on_request(tmp_path, monkeypatch):
+    model = make_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    # No float32 copy of the weights is ever made: the model is built on the meta device and
+    # takes the file's tensors; a bf16 -> float32 cast would have to pass through Tensor.to.
+    conversions = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        conversions.append((self.dtype, args, kwargs))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    upcasts = [
+        1 for source, args, kwargs in conversions
+        if source == torch.bfloat16 and torch.float32 in (*args, kwargs.get("dtype"))
+    ]  # fmt: skip
+    assert upcasts == []
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.rotary.inv_freq.dtype == torch.float32 and not loaded.rotary.inv_freq.is_meta
+    upcast = PaLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(upcast.state_dict()[name], tensor.float()), name
+    # The loaded weights are the model's own memory: training updates them in place.
+    with torch.no_grad():
+        upcast.token_emb.weight.add_(1.0)
+    assert torch.equal(upcast.token_emb.weight, model.token_emb.weight.float() + 1.0)
 
 
 # ----------------------------------------------------------------------------- strict loading

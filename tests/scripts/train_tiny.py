@@ -36,17 +36,18 @@ def main() -> None:
         seed=1,
     )
     if mode == "kill-on-second-save":
-        real_save = checkpoint_module.save_file
+        real_save = checkpoint_module.write_safetensors
         calls = []
 
-        def save_then_die(tensors, filename, metadata=None):
-            calls.append(filename)
+        def save_then_die(handle, plans):
+            calls.append(handle.name)
             if len(calls) > 2:  # checkpoint 1 writes two tensor files; die inside checkpoint 2
-                Path(filename).write_bytes(b"partial")
+                handle.write(b"partial")
+                handle.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            real_save(tensors, filename, metadata=metadata)
+            real_save(handle, plans)
 
-        checkpoint_module.save_file = save_then_die
+        checkpoint_module.write_safetensors = save_then_die
     accelerator = Accelerator(cpu=True)
     history = train_lm(
         model_config, config, out, accelerator=accelerator, tokenizer=tok, show_progress=False
