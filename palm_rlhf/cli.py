@@ -14,6 +14,7 @@ import torch
 
 from .config import PRESETS, PaLMConfig, TrainConfig, field_docs, preset_config
 from .generation import generate
+from .hf.cli import add_export_parser, add_import_parser
 from .label.cli import add_label_parser, add_sample_parser
 from .palm import PaLM
 from .preferences import AGGREGATE_CHOICES
@@ -627,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     add_sample_parser(subparsers)
     add_label_parser(subparsers)
+    add_import_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 
