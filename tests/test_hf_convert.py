@@ -279,22 +279,28 @@ def test_untied_missing_and_pickled_weights_are_refused(tmp_path):
         import_hf(hf_dir, tmp_path / "ours", show_progress=False)
 
 
+SLIDING = {"layer_types": ("sliding", "full"), "sliding_window": 4}
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [
         ({"use_xpos": True}, "use_xpos: use_xpos cannot be expressed"),
         ({"qk_norm": True}, "qk_norm: the cosine qk-norm cannot be expressed"),
         (
-            {"layer_types": ("sliding", "full"), "sliding_window": 4, "rotary_layers": (True, True)},
+            {**SLIDING, "rotary_layers": (True, True)},
             "rotary_layers: Cohere2 rotates exactly its sliding layers",
         ),
         (
-            {"layer_types": ("sliding", "full"), "sliding_window": 4, "rotary_layers": (True, False), "qk_layernorm": True},
+            {**SLIDING, "rotary_layers": (True, False), "qk_layernorm": True},
             "qk_layernorm: Cohere2 has no qk-norm",
         ),
-        ({"dim_head": 16, "layer_types": ("full", "full"), "rotary_layers": (False, False)}, "dim_head: Cohere2 fixes"),
+        (
+            {"dim_head": 16, "layer_types": ("full", "full"), "rotary_layers": (False, False)},
+            "dim_head: Cohere2 fixes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_inexpressible_checkpoints_are_refused_by_name(tmp_path, overrides, named):
     config = PaLMConfig(
         **{**dict(num_tokens=259, dim=32, depth=2, heads=4, dim_head=8), **overrides}
