@@ -19,7 +19,14 @@ from .label.cli import add_label_parser, add_sample_parser
 from .palm import PaLM
 from .preferences import AGGREGATE_CHOICES
 from .rl.cli import add_dpo_parser, add_grpo_parser
-from .tokenizer import ByteTokenizer, encode_prompt
+from .tokenizer import (
+    ByteTokenizer,
+    check_vocabulary,
+    encode_prompt,
+    load_tokenizer,
+    read_tokenizer_files,
+    stop_ids,
+)
 
 
 def _flag(name: str) -> str:
@@ -178,6 +185,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
         required=sft,
     )
     parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a fresh model's tokenizer: a directory with a Hugging Face tokenizer.json (and "
+        "tokenizer_config.json); saved with every checkpoint [the byte tokenizer]; not with "
+        "--init, whose checkpoint brings its own",
+    )
+    parser.add_argument(
         "--log-with", default=None, help="accelerate tracker, e.g. tensorboard or wandb"
     )
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
@@ -195,20 +210,26 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from .train_lm import train_lm
 
-    tokenizer = ByteTokenizer()
     train_config = dataclass_from_args(TrainConfig, args)
     if args.sft and args.data is None:
         raise ValueError("sft needs --data PATH to a JSONL of prompt/response pairs")
-    model_config = None
+    model_config, tokenizer = None, None
     if args.init is not None:
         ignored = given_options(PaLMConfig, args, skip=("num_tokens",))
         ignored += ["--preset"] if args.preset is not None else []
+        ignored += ["--tokenizer"] if args.tokenizer is not None else []
         if ignored:
             raise ValueError(
-                f"{', '.join(ignored)}: the architecture comes from the --init checkpoint; "
-                "leave the model options out"
+                f"{', '.join(ignored)}: the architecture and tokenizer come from the --init "
+                "checkpoint; leave the model options out"
             )
     else:
+        tokenizer = ByteTokenizer()
+        if args.tokenizer is not None:
+            files = read_tokenizer_files(args.tokenizer)
+            if "tokenizer.json" not in files:
+                raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+            tokenizer = load_tokenizer(files)
         base = preset_config(args.preset or "tiny", tokenizer.vocab_size)
         model_config = dataclass_from_args(PaLMConfig, args, **dataclasses.asdict(base))
     accelerator = make_accelerator(args, train_config.mixed_precision)
@@ -264,13 +285,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 @torch.inference_mode()
 def run_generate(args: argparse.Namespace) -> None:
-    tokenizer = ByteTokenizer()
     model = PaLM.from_pretrained(args.checkpoint)
-    if model.config.num_tokens != tokenizer.vocab_size:
-        raise ValueError(
-            f"{args.checkpoint}: model has {model.config.num_tokens} tokens, the "
-            f"byte tokenizer needs {tokenizer.vocab_size}"
-        )
+    tokenizer = load_tokenizer(model.tokenizer_files)
+    check_vocabulary(tokenizer, model.config.num_tokens, str(args.checkpoint))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
@@ -281,7 +298,7 @@ def run_generate(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_id=tokenizer.eos_id,
+        eos_id=stop_ids(tokenizer),
         pad_id=tokenizer.pad_id,
         seed=args.seed,
         lora_scope=args.lora_scope,
@@ -401,8 +418,8 @@ def run_score(args: argparse.Namespace) -> None:
     from .preferences import encode_reward_rows
     from .reward import RewardModel
 
-    tokenizer = ByteTokenizer()
     model = RewardModel.from_pretrained(args.checkpoint).eval()
+    tokenizer = load_tokenizer(model.trunk.tokenizer_files)
     prompt = tokenizer.encode(args.prompt)
     pairs = [(prompt, tokenizer.encode(response)) for response in args.response]
     tokens, mask = encode_reward_rows(tokenizer, pairs, model.max_row_len)
@@ -501,11 +518,12 @@ def run_ppo(args: argparse.Namespace) -> None:
         accelerator,
         inputs=(args.policy, args.reward),
     )
+    policy = PaLM.from_pretrained(args.policy, dtype=torch.float32)
     trainer = PPOTrainer(
-        PaLM.from_pretrained(args.policy),
-        ByteTokenizer(),
+        policy,
+        load_tokenizer(policy.tokenizer_files),
         prompts,
-        reward_model=RewardModel.from_pretrained(args.reward),
+        reward_model=RewardModel.from_pretrained(args.reward, dtype=torch.float32),
         config=dataclass_from_args(PPOConfig, args),
         accelerator=accelerator,
         out_dir=args.out,

@@ -1,7 +1,8 @@
 """Corpora, token caches and datasets for pretraining and SFT.
 
 A corpus spec ("stdlib", a text/.gz/.jsonl file or a folder) resolves to sorted sources; a split
-is tokenized once into a cached flat int16 file (`[bos_id] + doc_tokens + [eos_id]` per
+is tokenized once into a cached flat int16 (int32 for vocabularies over 32,768) file
+(`[bos_id] + doc_tokens + [eos_id]` per
 document: every stage's sequences start with bos, tokenizer.py) that is memory-mapped for
 `PackedDataset` (nanoGPT-style windows). Errors name the file (and line).
 """
@@ -245,8 +246,7 @@ def build_token_file(
     `.json` sidecar (num_tokens, num_bytes for bits-per-byte) is written last and marks the
     cache complete; both are written atomically, so a killed build is simply redone.
     """
-    if tokenizer.vocab_size > 2**15:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the int16 token file")
+    dtype = token_dtype(tokenizer.vocab_size)
     key = _cache_key(sources, tokenizer, split, fraction)
     path = Path(cache_dir) / f"{split}-{key[:24]}.tokens"
     try:
@@ -258,8 +258,8 @@ def build_token_file(
 
     def fill(handle: BinaryIO) -> None:  # streamed: the file object buffers the writes
         for doc in split_documents(sources, split, fraction):
-            # native-endian int16, as torch.from_file reads; bos + doc + eos (tokenizer.py)
-            ids = array("h", tokenizer.encode(doc, add_bos=True, add_eos=True))
+            # native-endian, as torch.from_file reads; bos + doc + eos (tokenizer.py)
+            ids = array(ARRAY_CODES[dtype], tokenizer.encode(doc, add_bos=True, add_eos=True))
             handle.write(ids.tobytes())
             stats["num_tokens"] += len(ids)
             stats["num_bytes"] += len(doc.encode("utf-8"))
@@ -269,9 +269,20 @@ def build_token_file(
 
     write_stream_atomic(path, fill)
     meta = {"format_version": FORMAT_VERSION, "split": split, "byteorder": sys.byteorder}
-    meta.update(stats, dtype="int16", key=key)
+    meta.update(stats, dtype=str(dtype).removeprefix("torch."), key=key)
     write_bytes_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     return path
+
+
+# Token files store ids in the narrowest type that holds the vocabulary: int16 for up to
+# 32,768 tokens (the byte tokenizer's 259, small BPEs), int32 beyond (Cohere's 256,000).
+TOKEN_DTYPES = {"int16": torch.int16, "int32": torch.int32}
+ARRAY_CODES = {torch.int16: "h", torch.int32: "i"}
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    """The dtype of a token file for ids in [0, vocab_size)."""
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
 
 
 def _cache_key(
@@ -294,9 +305,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{sidecar}: not a version {FORMAT_VERSION} token file sidecar")
     if meta.get("byteorder") != sys.byteorder:
-        raise ValueError(f"{path}: written with {meta.get('byteorder')}-endian int16")
+        raise ValueError(f"{path}: written with {meta.get('byteorder')}-endian ids")
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise ValueError(f"{sidecar}: unknown token dtype {meta.get('dtype')!r}")
     size = path.stat().st_size
-    if size != 2 * meta.get("num_tokens", -1):
+    if size != TOKEN_DTYPES[meta["dtype"]].itemsize * meta.get("num_tokens", -1):
         raise ValueError(
             f"{path}: {size} bytes, but the sidecar says {meta.get('num_tokens')} tokens"
         )
@@ -305,7 +318,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TokenFile:
-    """A built split: `tokens` is a read-only-in-spirit memory map ((N,) int16), and `num_bytes`
+    """A built split: `tokens` is a read-only-in-spirit memory map ((N,) int16 or int32, by
+    vocabulary size), and `num_bytes`
     the UTF-8 size of its text, for bits per byte = total_nats / ln(2) / num_bytes."""
 
     path: Path
@@ -319,7 +333,7 @@ class TokenFile:
         meta = _read_meta(path)
         # shared=False maps the file MAP_PRIVATE: pages load on demand, writes never reach disk.
         tokens = torch.from_file(
-            str(path), shared=False, size=meta["num_tokens"], dtype=torch.int16
+            str(path), shared=False, size=meta["num_tokens"], dtype=TOKEN_DTYPES[meta["dtype"]]
         )
         return cls(path, tokens, meta["num_bytes"], meta["num_documents"])
 
@@ -329,7 +343,7 @@ class TokenFile:
 
 
 def load_tokens(path: str | Path) -> Tensor:
-    """The (N,) int16 memory-mapped tokens of a token file."""
+    """The (N,) memory-mapped tokens of a token file."""
     return TokenFile.open(path).tokens
 
 
@@ -394,10 +408,13 @@ class SFTDataset(Dataset):
         path = Path(path)
         text = _decode_utf8(path, _read_bytes(path))
         self.examples: list[tuple[list[int], list[bool]]] = []
+        self.response_bytes: list[int] = []  # UTF-8 size of each response, for bits per byte
         for lineno, obj in _parse_jsonl(path, text):
             prompt = tokenizer.encode(_string_field(path, lineno, obj, "prompt"))
-            response = tokenizer.encode(_string_field(path, lineno, obj, "response"))
+            response_text = _string_field(path, lineno, obj, "response")
+            response = tokenizer.encode(response_text)
             self.examples.append(sft_example(tokenizer, prompt, response, max_seq_len))
+            self.response_bytes.append(len(response_text.encode("utf-8")))
         if not self.examples:
             raise ValueError(f"{path}: no examples")
 

@@ -174,7 +174,7 @@ def _check_options(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     pad_id: int | None,
 ) -> None:
     vocab = model.config.num_tokens
@@ -188,16 +188,29 @@ def _check_options(
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if value is not None and not 0 <= value < vocab:
-            raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab})")
-    if eos_id is not None and eos_id == pad_id:
+    stops = _stop_list(eos_id)
+    for name, value in [*(("eos_id", stop) for stop in stops), ("pad_id", pad_id)]:
+        if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+            raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {vocab})")
+    if pad_id is not None and pad_id in stops:
         raise ValueError(
             "pad_id must differ from eos_id, or masking padding would also mask "
             "the end of every response"
         )
-    if eos_id is not None and pad_id is None:
+    if stops and pad_id is None:
         raise ValueError("eos_id needs a pad_id to fill the rows that have finished")
+
+
+def _stop_list(eos_id: int | Sequence[int] | None) -> list[int]:
+    """eos_id as a list of stop ids: one id, several (a chat model's end-of-turn tokens and
+    its eos), or none."""
+    if eos_id is None:
+        return []
+    if isinstance(eos_id, int):
+        return [eos_id]
+    if isinstance(eos_id, Sequence) and len(eos_id) > 0:
+        return list(eos_id)
+    raise ValueError(f"eos_id must be an int, a non-empty sequence of ints or None: {eos_id!r}")
 
 
 def _decode(
@@ -206,7 +219,7 @@ def _decode(
     prompt_mask: Tensor,
     max_new_tokens: int,
     sampling: dict,
-    eos_id: int | None,
+    stops: Tensor | None,
     fill: int,
     lora_scope: str | None,
     use_cache: bool,
@@ -231,8 +244,8 @@ def _decode(
         tokens.append(token.masked_fill(finished, fill))
         logprobs.append(logprob.masked_fill(finished, 0.0))
         masks.append(alive)
-        if eos_id is not None:
-            finished = finished | (token == eos_id)
+        if stops is not None:
+            finished = finished | torch.isin(token, stops)
             if (step + 1) % check_every == 0 and bool(finished.all()):
                 break
         if step == max_new_tokens - 1:
@@ -262,7 +275,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -272,8 +285,9 @@ def generate(
 ) -> GenerationOutput:
     """Sample up to max_new_tokens for a batch of prompts of any lengths.
 
-    Rows that emit eos_id are finished: they emit pad_id from then on (mask False) and decoding
-    stops when every row is finished. temperature=0 is greedy. `seed` makes sampling
+    Rows that emit eos_id (or any of several ids: a chat model ends its turn with its own token)
+    are finished: they emit pad_id from then on (mask False) and decoding stops when every row
+    is finished. temperature=0 is greedy. `seed` makes sampling
     reproducible (or pass your own `generator`). The model runs in eval mode (dropout off) and
     is returned to its previous mode afterwards. use_cache=False re-runs the whole sequence each
     step: slow, kept as the reference the cached path is tested against. pack_weights (default:
@@ -297,6 +311,7 @@ def generate(
     if pack_weights is None:
         pack_weights = use_cache and can_pack_weights(model)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    stops = torch.tensor(_stop_list(eos_id), device=device) if eos_id is not None else None
     was_training = model.training
     model.eval()
     try:
@@ -307,7 +322,7 @@ def generate(
                 prompt_mask,
                 max_new_tokens,
                 sampling,
-                eos_id,
+                stops,
                 fill,
                 lora_scope,
                 use_cache,

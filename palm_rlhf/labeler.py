@@ -34,7 +34,7 @@ from .generation import generate
 from .palm import PaLM
 from .preferences import PreferenceGroup
 from .progress import progress_kwargs
-from .tokenizer import Tokenizer, encode_prompt
+from .tokenizer import Tokenizer, encode_prompt, stop_ids
 
 CONTINUATIONS = {
     "else": "if x:\n pass\n{}",
@@ -110,8 +110,10 @@ def sample_completions(
     show_progress: bool = False,
     top_p: float | None = None,
 ) -> list[tuple[str, bool]]:
-    """One sampled completion per prompt: (text, finished), finished = it ended with eos."""
+    """One sampled completion per prompt: (text, finished), finished = it ended with a stop id
+    (eos, or a chat model's end-of-turn token)."""
     completions: list[tuple[str, bool]] = []
+    stops = stop_ids(tokenizer)
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", **progress_kwargs(show_progress)):
         batch = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
@@ -121,14 +123,14 @@ def sample_completions(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            eos_id=tokenizer.eos_id,
+            eos_id=stops,
             pad_id=tokenizer.pad_id,
             seed=seed + start,
             lora_scope=lora_scope,
         )
         for tokens, mask in zip(out.tokens, out.mask, strict=True):
             real = tokens[mask]
-            finished = bool(len(real)) and int(real[-1]) == tokenizer.eos_id
+            finished = bool(len(real)) and int(real[-1]) in stops
             completions.append((tokenizer.decode(real), finished))
     return completions
 

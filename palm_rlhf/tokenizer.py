@@ -12,6 +12,7 @@ Pretraining documents are `[bos] + doc + [eos]` (data.py), SFT and reward-model 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -50,6 +51,7 @@ class ByteTokenizer:
         self.bos_id = 257
         self.eos_id = 258
         self.vocab_size = 259
+        self.stop_ids = (self.eos_id,)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -87,6 +89,65 @@ class ByteTokenizer:
         """
         rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
         return pad_sequences(rows, self.pad_id, padding_side, max_length)
+
+
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end a response: eos, and for chat models their end-of-turn tokens
+    (`HFTokenizer.stop_ids`). A tokenizer without `stop_ids` stops on eos alone."""
+    return tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
+
+
+def load_tokenizer(files: dict[str, str]) -> Tokenizer:
+    """The tokenizer of a checkpoint from its tokenizer files' texts (`PaLM.tokenizer_files`):
+    a Hugging Face tokenizer where there is a tokenizer.json, else the byte tokenizer."""
+    if "tokenizer.json" in files:
+        from .hf.tokenizer import HFTokenizer
+
+        return HFTokenizer(files)
+    return ByteTokenizer()
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    """What a checkpoint saves of a tokenizer: its files' texts (none for the byte tokenizer,
+    which a checkpoint without tokenizer files stands for)."""
+    return dict(getattr(tokenizer, "files", None) or {})
+
+
+def read_tokenizer_files(directory: str | Path) -> dict[str, str]:
+    """The texts of the TOKENIZER_FILES a directory holds (a run directory stands for its
+    latest checkpoint)."""
+    from .checkpoint import resolve_run_dir
+
+    directory = resolve_run_dir(Path(directory))
+    return {
+        name: (directory / name).read_text(encoding="utf-8")
+        for name in TOKENIZER_FILES
+        if (directory / name).is_file()
+    }
+
+
+def checkpoint_tokenizer(directory: str | Path, given: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer a checkpoint's model reads (its tokenizer files; none: bytes). A stage
+    starting from the checkpoint uses it; a different tokenizer given is an error, since the
+    embeddings would be read with another vocabulary."""
+    found = load_tokenizer(read_tokenizer_files(directory))
+    if given is not None and (
+        type(given) is not type(found) or tokenizer_files(given) != tokenizer_files(found)
+    ):
+        raise ValueError(
+            f"{directory}: its model reads a {type(found).__name__} (its tokenizer files), "
+            f"not the given {type(given).__name__}; leave the tokenizer out"
+        )
+    return found
+
+
+def check_vocabulary(tokenizer: Tokenizer, num_tokens: int, model: str = "the model") -> None:
+    """Every id the tokenizer produces must have an embedding (a model may have more)."""
+    if tokenizer.vocab_size > num_tokens:
+        raise ValueError(
+            f"{model} has {num_tokens} token embeddings, but its tokenizer "
+            f"({type(tokenizer).__name__}) produces ids up to {tokenizer.vocab_size - 1}"
+        )
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> list[int]:

@@ -32,7 +32,15 @@ from .generation import generate
 from .palm import IGNORE_INDEX, PaLM, lm_loss, shift_targets
 from .progress import progress_kwargs
 from .runs import append_jsonl, claim_run_dir, finish_run, rank0_decides, read_metrics, start_run
-from .tokenizer import ByteTokenizer, Tokenizer, encode_prompt
+from .tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    check_vocabulary,
+    checkpoint_tokenizer,
+    encode_prompt,
+    stop_ids,
+    tokenizer_files,
+)
 from .train_state import TrainingCheckpoints
 
 __all__ = ["read_metrics", "train_lm"]  # read_metrics: re-exported for existing callers
@@ -108,8 +116,10 @@ def load_datasets(
             heldout_ids = [len(dataset) - 1]
         held = set(heldout_ids)
         train_ids = [i for i in range(len(dataset)) if i not in held] or heldout_ids
-        # With a byte tokenizer every response token but eos is one byte, so 1.0 is close.
-        return Subset(dataset, train_ids), Subset(dataset, heldout_ids), 1.0
+        # The loss counts response tokens and eos; bits per byte divides by the responses' text.
+        scored = sum(sum(dataset.examples[i][1]) for i in heldout_ids)
+        tokens_per_byte = scored / max(1, sum(dataset.response_bytes[i] for i in heldout_ids))
+        return Subset(dataset, train_ids), Subset(dataset, heldout_ids), tokens_per_byte
     sources = corpus.resolve_corpus(config.data, jsonl_field=config.jsonl_field)
     splits = {}
     for split in ("train", "heldout"):
@@ -196,19 +206,19 @@ def train_lm(
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
-    tokenizer = tokenizer or ByteTokenizer()
     out_dir = Path(out_dir)
     claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
     checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    latest = checkpoints.latest() if resume else None
     if init_checkpoint is not None:
         model_config = _init_architecture(init_checkpoint, model_config)
+    # The tokenizer the model reads: its checkpoint's (a resumed run's, or the init's).
+    if latest is not None or init_checkpoint is not None:
+        tokenizer = checkpoint_tokenizer(latest or init_checkpoint, tokenizer)
     if model_config is None:
         raise ValueError("train_lm needs a model_config, or an init_checkpoint to start from")
-    if model_config.num_tokens != tokenizer.vocab_size:
-        raise ValueError(
-            f"model num_tokens={model_config.num_tokens} but the tokenizer has "
-            f"{tokenizer.vocab_size} tokens"
-        )
+    tokenizer = tokenizer or ByteTokenizer()
+    check_vocabulary(tokenizer, model_config.num_tokens)
     if config.seq_len + 1 > model_config.max_seq_len:
         raise ValueError(
             f"seq_len {config.seq_len} + 1 exceeds the model's max_seq_len "
@@ -224,20 +234,23 @@ def train_lm(
     schedule = WindowSchedule(len(train_set), config.seed)
 
     # step 3. model and optimizer: fresh, from an init checkpoint, or resumed
-    start_step, latest = 0, checkpoints.latest() if resume else None
+    start_step = 0
     if resume and latest is None and accelerator.is_main_process:
         tqdm.write(f"no checkpoint in {checkpoints.root}; starting from scratch")
     if latest is not None:
-        model = PaLM.from_pretrained(latest)
+        model = PaLM.from_pretrained(latest, dtype=torch.float32)
         if model.config != model_config:
             raise ValueError(
                 f"{latest}: checkpoint config {model.config} does not match the "
                 f"requested model config {model_config}"
             )
     elif init_checkpoint is not None:
-        model = PaLM.from_pretrained(init_checkpoint)
+        # float32 master weights, whatever the checkpoint stores (an imported bf16 model):
+        # optimizer steps in bf16 lose small updates; --mixed-precision bf16 autocasts.
+        model = PaLM.from_pretrained(init_checkpoint, dtype=torch.float32)
     else:
         model = PaLM(model_config)
+        model.tokenizer_files = tokenizer_files(tokenizer)  # saved with every checkpoint
     model.train()
     optimizer = make_optimizer(model, config)
     if latest is not None:
@@ -344,7 +357,7 @@ def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
         max_new_tokens=128,
         temperature=0.8,
         top_p=0.95,
-        eos_id=tokenizer.eos_id,
+        eos_id=stop_ids(tokenizer),
         pad_id=tokenizer.pad_id,
         seed=0,
     )

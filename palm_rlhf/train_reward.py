@@ -56,7 +56,7 @@ from .reward import (
     rating_regression_loss,
 )
 from .runs import append_jsonl, claim_run_dir, finish_run, rank0_decides, start_run
-from .tokenizer import ByteTokenizer, Tokenizer
+from .tokenizer import Tokenizer, checkpoint_tokenizer
 from .train_lm import RUN_MARKERS, WindowSchedule, lr_at, make_optimizer
 from .train_state import TrainingCheckpoints
 
@@ -254,7 +254,7 @@ def train_reward(
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
-    tokenizer = tokenizer or ByteTokenizer()
+    tokenizer = checkpoint_tokenizer(init, tokenizer)
     out_dir = Path(out_dir)
     claim_run_dir(out_dir, RUN_MARKERS, resume, overwrite, accelerator)
     checkpoints = TrainingCheckpoints(out_dir / "checkpoints", config.keep_checkpoints)
@@ -278,10 +278,11 @@ def train_reward(
 
     # step 3. model and optimizer: from the PaLM checkpoint, or resumed
     latest = checkpoints.latest() if resume else None
+    # float32 master weights whatever the checkpoint stores (mixed_precision bf16 autocasts)
     model = (
-        RewardModel.from_pretrained(latest)
+        RewardModel.from_pretrained(latest, dtype=torch.float32)
         if latest is not None
-        else RewardModel.from_palm_checkpoint(init, reward_config)
+        else RewardModel.from_palm_checkpoint(init, reward_config, dtype=torch.float32)
     )
     if latest is not None and model.config != reward_config:
         raise ValueError(

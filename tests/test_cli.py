@@ -88,7 +88,9 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     model = PaLM(PaLMConfig(num_tokens=40, dim=16, depth=1, heads=2, dim_head=8, max_seq_len=32))
     model.save_pretrained(tmp_path / "small")
     assert main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "a"]) == 2
-    assert "byte tokenizer needs 259" in capsys.readouterr().err
+    assert "has 40 token embeddings, but its tokenizer (ByteTokenizer) produces ids up to 258" in (
+        capsys.readouterr().err
+    )
 
 
 def test_pretrain_help_documents_every_option(capsys):

@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from bpe import write_tokenizer
 
 import palm_rlhf.cli as cli
 import palm_rlhf.demo
@@ -83,6 +84,7 @@ def files(tmp_path_factory):
     (root / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}))
     (root / "sft.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     (root / "corpus.txt").write_text("print(1)\n" * 50)
+    write_tokenizer(root / "bpe")
     for name, count in (("tasks.jsonl", 2), ("tasks2.jsonl", 3)):
         write_tasks(
             [Task(f"t{i}", "p", ["a", "b"], [True, True]) for i in range(count)], root / name
@@ -163,6 +165,7 @@ SPECIAL = {
     "--kv-heads": lambda root, sub: "2",
     "--heads": lambda root, sub: "2",
     "--dim-head": lambda root, sub: "16",
+    "--tokenizer": lambda root, sub: str(root / "bpe"),
     "--ff-inner": lambda root, sub: "100",
     "--layer-types": lambda root, sub: "full,full,full,full",  # the tiny preset's depth 4
     "--rotary-layers": lambda root, sub: "true,false,true,false",

@@ -193,6 +193,31 @@ def test_token_file_round_trip_and_num_bytes(tmp_path):
         assert torch.equal(load_tokens(token_file.path), token_file.tokens)
 
 
+class WideTokenizer(ByteTokenizer):
+    """Bytes shifted into ids above 32,768, as a 256k vocabulary's ids are."""
+
+    offset = 40_000
+
+    def __init__(self):
+        super().__init__()
+        self.vocab_size = self.offset + 259
+
+    def encode(self, text, add_bos=False, add_eos=False):
+        ids = super().encode(text, add_bos, add_eos)
+        return [i + self.offset if i < 256 else i for i in ids]
+
+
+def test_token_files_hold_ids_of_any_vocabulary_size(tmp_path):
+    write_folder(tmp_path / "corpus")
+    sources = resolve_corpus(str(tmp_path / "corpus"))
+    wide = WideTokenizer()
+    token_file = TokenFile.open(build_token_file(sources, wide, tmp_path / "cache", "train"))
+    docs = list(split_documents(sources, "train"))
+    assert token_file.tokens.dtype == torch.int32
+    expected = [i for doc in docs for i in wide.encode(doc, add_bos=True, add_eos=True)]
+    assert token_file.tokens.tolist() == expected and max(expected) > 2**15
+
+
 def test_cache_is_reused_and_invalidated_by_edits_and_tokenizer(tmp_path, monkeypatch):
     write_folder(tmp_path / "corpus")
     cache = tmp_path / "cache"

@@ -77,6 +77,26 @@ def test_eos_finishes_rows_and_pads_after():
     assert single.tokens.shape[1] == first + 1
 
 
+def test_any_of_several_stop_ids_finishes_a_row():
+    # A chat model ends a turn with its own token as well as eos: rows stop at either.
+    model = tiny_model()
+    prompts = [[1, 2, 3], [5, 6]]
+    probe = generate(model, prompts, max_new_tokens=10, temperature=0.0, pad_id=PAD)
+    stops = [int(probe.tokens[0, 4]), int(probe.tokens[1, 2])]
+    ends = [
+        int(torch.isin(row, torch.tensor(stops)).nonzero()[0]) for row in probe.tokens
+    ]  # the first stop in each row, whichever it is
+    out = generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_id=stops, pad_id=PAD)
+    for row, end in enumerate(ends):
+        assert int(out.tokens[row, end]) in stops and out.mask[row, : end + 1].all()
+        assert not out.mask[row, end + 1 :].any()
+    assert out.tokens.shape[1] == max(ends) + 1
+    with pytest.raises(ValueError, match="pad_id must differ"):
+        generate(model, prompts, max_new_tokens=2, eos_id=[stops[0], PAD], pad_id=PAD)
+    with pytest.raises(ValueError, match="eos_id=40 is outside"):
+        generate(model, prompts, max_new_tokens=2, eos_id=[stops[0], 40], pad_id=PAD)
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent():
     model = tiny_model()
     kwargs = dict(max_new_tokens=20, temperature=1.0, top_k=10, pad_id=PAD)

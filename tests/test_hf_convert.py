@@ -6,14 +6,8 @@ import json
 
 import pytest
 import torch
-from hf_models import (
-    VARIANTS,
-    left_padded_positions,
-    save_hf_dir,
-    tiny_hf_model,
-    tokenizer_files,
-    transformers,
-)
+from bpe import tokenizer_files
+from hf_models import VARIANTS, left_padded_positions, save_hf_dir, tiny_hf_model, transformers
 from safetensors.torch import load_file
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig, generate
@@ -368,6 +362,10 @@ def test_hf_tokenizer_reads_special_tokens_stop_ids_and_chat_template():
     assert tokenizer.stop_ids == (tokenizer.eos_id, backend.token_to_id("<EOS_TOKEN>"))
     text = "def wrap(text, width=70):\n    return text"
     assert tokenizer.decode(tokenizer.encode(text)) == text
+    # An embedding row the tokenizer has no token for (VOCAB > vocab_size) decodes to nothing.
+    assert tokenizer.decode([*tokenizer.encode(text), tokenizer.vocab_size + 3]) == text
+    with pytest.raises(ValueError, match="negative token id"):
+        tokenizer.decode([-1])
     assert len(tokenizer.encode(text)) < 0.8 * len(text)  # merges: a real BPE, not bytes
     assert tokenizer.encode(text, add_bos=True, add_eos=True)[
         :: len(tokenizer.encode(text)) + 1

@@ -25,7 +25,7 @@ from ..checkpoint import (
     save_planned_dir,
 )
 from ..config import LoRAConfig, PaLMConfig
-from ..tokenizer import TOKENIZER_FILES
+from ..tokenizer import TOKENIZER_FILES, read_tokenizer_files
 from .config import hf_config_from_palm, palm_config_from_hf
 from .tokenizer import HFTokenizer, byte_tokenizer_files
 from .weights import INDEX_NAME, SafetensorsDir, hf_plans, palm_plans
@@ -122,15 +122,6 @@ def export_hf(
         tracked_shards = {name: {k: tracked[k] for k in shard} for name, shard in shards.items()}
         save_planned_dir(out_dir, tracked_shards, files, owned)
     return hf_config
-
-
-def read_tokenizer_files(directory: Path) -> dict[str, str]:
-    """The texts of the tokenizer files a directory holds (TOKENIZER_FILES)."""
-    return {
-        name: (directory / name).read_text(encoding="utf-8")
-        for name in TOKENIZER_FILES
-        if (directory / name).is_file()
-    }
 
 
 def _scope_to_merge(directory: Path, lora_scope: str | None) -> tuple[str, LoRAConfig] | None:

@@ -43,15 +43,11 @@ def add_sample_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def _load_policy(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..palm import PaLM
-    from ..tokenizer import ByteTokenizer
+    from ..tokenizer import check_vocabulary, load_tokenizer
 
-    tokenizer = ByteTokenizer()
     policy = PaLM.from_pretrained(args.policy)
-    if policy.config.num_tokens != tokenizer.vocab_size:
-        raise ValueError(
-            f"{args.policy}: model has {policy.config.num_tokens} tokens, the byte tokenizer "
-            f"needs {tokenizer.vocab_size}"
-        )
+    tokenizer = load_tokenizer(policy.tokenizer_files)
+    check_vocabulary(tokenizer, policy.config.num_tokens, str(args.policy))
     policy.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy, tokenizer
 

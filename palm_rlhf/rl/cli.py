@@ -121,12 +121,14 @@ def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> None:
+    import torch
+
     from ..cli import dataclass_from_args, make_accelerator, run_online_stage
     from ..palm import PaLM
     from ..prompts import read_prompts
     from ..reward import RewardModel
     from ..runs import claim_run_dir
-    from ..tokenizer import ByteTokenizer
+    from ..tokenizer import load_tokenizer
     from .configs import GRPOConfig
     from .grpo import GRPOTrainer, reward_functions
     from .rollout import fold_policy_adapter
@@ -153,15 +155,15 @@ def run_grpo(args: argparse.Namespace) -> None:
         reward_path, reward_weight = parse_reward_checkpoint(args.reward)
         if not math.isfinite(reward_weight):
             raise ValueError(f"--reward {args.reward!r}: weight must be finite")
-        reward_model = RewardModel.from_pretrained(reward_path)
+        reward_model = RewardModel.from_pretrained(reward_path, dtype=torch.float32)
         inputs.append(reward_path)
-    policy = PaLM.from_pretrained(args.policy)
+    policy = PaLM.from_pretrained(args.policy, dtype=torch.float32)
     fold_policy_adapter(policy)  # a policy with several scopes is refused here, not later
     accelerator = make_accelerator(args)
     claim_run_dir(args.out, GRPO_RUN_MARKERS, args.resume, args.overwrite, accelerator, inputs)
     trainer = GRPOTrainer(
         policy,
-        ByteTokenizer(),
+        load_tokenizer(policy.tokenizer_files),
         prompts,
         reward_model=reward_model,
         reward_model_weight=reward_weight,

@@ -39,7 +39,7 @@ from ..palm import PaLM
 from ..preferences import PreferenceData, PreferenceGroup, describe_skipped, load_preferences
 from ..progress import progress_kwargs
 from ..runs import append_jsonl, claim_run_dir, finish_run, rank0_decides, start_run
-from ..tokenizer import ByteTokenizer, Tokenizer, pad_sequences
+from ..tokenizer import Tokenizer, checkpoint_tokenizer, pad_sequences
 from ..train_lm import RUN_MARKERS, WindowSchedule, lr_at, make_optimizer
 from ..train_reward import NOT_FOR_REWARD, split_preferences
 from ..train_state import TrainingCheckpoints
@@ -175,7 +175,7 @@ def evaluate_preferences(
 
 def _starting_policy(init: str | Path) -> PaLM:
     """init as the policy it holds: an adapter it carries (a PPO/GRPO run's "actor") merged."""
-    policy = PaLM.from_pretrained(init)
+    policy = PaLM.from_pretrained(init, dtype=torch.float32)  # float32 master weights
     fold_policy_adapter(policy)
     return policy
 
@@ -186,10 +186,15 @@ def _policy(init: str | Path, latest: Path | None, config: DPOConfig) -> tuple[P
     Both in eval mode: dropout stays off, as it was for the cached reference (checklist 5)."""
     if config.full_finetune:
         reference = _starting_policy(init)
-        policy = PaLM.from_pretrained(latest) if latest is not None else copy.deepcopy(reference)
+        policy = (
+            PaLM.from_pretrained(latest, dtype=torch.float32)
+            if latest is not None
+            else copy.deepcopy(reference)
+        )
         return policy.requires_grad_(True).eval(), reference.requires_grad_(False).eval()
     if latest is not None:
-        policy = PaLM.from_pretrained(latest)  # its base is init's, merged; its adapter is ours
+        # its base is init's, merged; its adapter is ours
+        policy = PaLM.from_pretrained(latest, dtype=torch.float32)
     else:
         policy = _starting_policy(init)
         policy.add_lora(SCOPE, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha))
@@ -229,10 +234,10 @@ def train_dpo(
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
     )
-    tokenizer = tokenizer or ByteTokenizer()
     out_dir = Path(out_dir)
     if not Path(init).exists():
         raise FileNotFoundError(f"{init}: no such checkpoint to start DPO from")
+    tokenizer = checkpoint_tokenizer(init, tokenizer)
     torch.manual_seed(config.seed)
 
     # step 2. data: rankings split by prompt; ratings carry no ordering DPO can use. Read

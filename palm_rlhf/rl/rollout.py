@@ -34,7 +34,7 @@ from ..palm import PaLM
 from ..preferences import encode_reward_rows
 from ..prompts import PromptRecord
 from ..reward import RewardModel
-from ..tokenizer import Tokenizer, encode_prompt
+from ..tokenizer import Tokenizer, encode_prompt, stop_ids
 from .rl_math import entropy_from_logits, logprobs_from_logits
 
 RewardFn = Callable[..., Sequence[float]]
@@ -155,11 +155,25 @@ class RolloutEngine:
         no_eos_penalty: float = float("nan"),
         score_clip: float = 0.0,
     ) -> None:
+        reward_model = rewards.reward_model
+        if (
+            reward_model is not None
+            and reward_model.trunk.tokenizer_files != policy.tokenizer_files
+        ):
+            # The reward model reads the policy's token ids: one vocabulary for both.
+            raise ValueError("the reward model reads another tokenizer than the policy")
         self.policy, self.reference, self.actor_scope = policy, reference, actor_scope
         self.tokenizer, self.rewards, self.generator = tokenizer, rewards, generator
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.temperature = temperature
         self.no_eos_penalty, self.score_clip = no_eos_penalty, score_clip
+        # A response ends at eos or at any other stop id (a chat model's end-of-turn token).
+        self.stop_ids = stop_ids(tokenizer)
+        self._stops = torch.tensor(self.stop_ids, device=policy.token_emb.weight.device)
+
+    def ended(self, response_tokens: Tensor) -> Tensor:
+        """(b, n) sampled tokens -> (b,) bool: the response ended at a stop id."""
+        return torch.isin(response_tokens, self._stops.to(response_tokens.device)).any(dim=1)
 
     # --------------------------------------------------------------------------- sampling
 
@@ -177,16 +191,15 @@ class RolloutEngine:
             prompt_rows,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
-            eos_id=tok.eos_id,
+            eos_id=self.stop_ids,
             pad_id=tok.pad_id,
             generator=self.generator,
             lora_scope=self.actor_scope,
         )
         mask = out.mask
-        ended = (out.tokens == tok.eos_id).any(dim=1)
-        responses = [
-            tok.decode(t[m & (t != tok.eos_id)]) for t, m in zip(out.tokens, mask, strict=True)
-        ]
+        ended = self.ended(out.tokens)
+        text = mask & ~torch.isin(out.tokens, self._stops.to(out.tokens.device))
+        responses = [tok.decode(t[m]) for t, m in zip(out.tokens, text, strict=True)]
         parts, scores = self.score(records, responses, out.tokens, mask, prompt_rows)
         device = self.policy.token_emb.weight.device
         group = torch.arange(len(records) // group_size, device=device).repeat_interleave(
@@ -217,7 +230,7 @@ class RolloutEngine:
         device = self.policy.token_emb.weight.device
         records = as_records(records)
         parts = self.score_parts(records, responses, prompt_rows, response_tokens, response_mask)
-        ended = (response_tokens == self.tokenizer.eos_id).any(dim=1)
+        ended = self.ended(response_tokens)
         parts = parts.to(device)
         return parts, self.combine(parts, ended.to(device))
 
@@ -287,12 +300,12 @@ class RolloutEngine:
         model = self.rewards.reward_model
         if model is None:
             raise ValueError("reward_rows needs a reward model")
-        eos, pairs = self.tokenizer.eos_id, []
+        pairs = []
         for prompt, tokens, mask in zip(prompt_rows, response_tokens, response_mask, strict=True):
             if not prompt or prompt[0] != self.tokenizer.bos_id:
                 raise ValueError("prompt rows must start with bos (tokenizer.encode_prompt)")
             response = tokens[mask].tolist()
-            if response and response[-1] == eos:
+            if response and response[-1] in self.stop_ids:  # the row's own eos goes there
                 response = response[:-1]
             pairs.append((prompt[1:], response))
         return encode_reward_rows(self.tokenizer, pairs, model.max_row_len)
