@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .chat import add_chat_parser
 from .config import PRESETS, PaLMConfig, TrainConfig, field_docs, preset_config
 from .generation import generate
 from .hf.cli import add_export_parser, add_import_parser
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     add_sample_parser(subparsers)
     add_label_parser(subparsers)
+    add_chat_parser(subparsers)
     add_import_parser(subparsers)
     add_export_parser(subparsers)
     return parser

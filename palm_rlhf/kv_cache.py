@@ -70,3 +70,13 @@ class KVCache:
         """Commit a forward of mask (b, n) whose keys the layers wrote at [length, length + n)."""
         self.next_position += mask.sum(dim=1)
         self.length += mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on: the next forward writes at `length`. A chat
+        whose new turn re-tokenizes differently from what was cached re-reads from there
+        instead of from the start."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.key_mask[:, length:] = False
+        self.next_position = self.key_mask[:, :length].sum(dim=1)
+        self.length = length

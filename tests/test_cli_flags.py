@@ -20,8 +20,10 @@ import pytest
 import torch
 from bpe import write_tokenizer
 
+import palm_rlhf.chat
 import palm_rlhf.cli as cli
 import palm_rlhf.demo
+import palm_rlhf.hf.convert
 import palm_rlhf.label.cli
 import palm_rlhf.label.server
 import palm_rlhf.reward
@@ -55,6 +57,8 @@ def normalise(value):
         return "nan"
     if isinstance(value, int | float | str | bool) or value is None:
         return value
+    if hasattr(value, "vocab_size") and hasattr(value, "encode"):  # a tokenizer: which one
+        return f"{type(value).__name__}({value.vocab_size})"
     if isinstance(value, torch.nn.Module):  # which weights, on which device
         first = next(value.parameters()).detach()
         checksum = "meta" if first.is_meta else f"{float(first.float().sum()):.6g}"
@@ -123,6 +127,9 @@ def base_commands(root) -> dict[str, list[str]]:
             "dpo", "--out", str(root / "o"), "--init", str(root / "policy"),
             "--data", str(root / "prefs.jsonl"),
         ],
+        "chat": ["chat", str(root / "policy")],
+        "import-hf": ["import-hf", str(root / "hf"), "--out", str(root / "imported")],
+        "export-hf": ["export-hf", str(root / "policy"), "--out", str(root / "exported")],
     }  # fmt: skip
 
 
@@ -165,6 +172,10 @@ SPECIAL = {
     "--kv-heads": lambda root, sub: "2",
     "--heads": lambda root, sub: "2",
     "--dim-head": lambda root, sub: "16",
+    "--system": lambda root, sub: "Be brief.",
+    "--max-new-tokens": lambda root, sub: "7",
+    "--dtype": lambda root, sub: "bfloat16",
+    "--max-shard-size": lambda root, sub: "500MB",
     "--tokenizer": lambda root, sub: str(root / "bpe"),
     "--ff-inner": lambda root, sub: "100",
     "--layer-types": lambda root, sub: "full,full,full,full",  # the tiny preset's depth 4
@@ -267,6 +278,9 @@ def recorder(monkeypatch):
     monkeypatch.setattr(palm_rlhf.demo, "run_demo", record("run_demo"))
     monkeypatch.setattr(palm_rlhf.reward.RewardModel, "forward", fake_forward)
     monkeypatch.setattr(palm_rlhf.label.cli, "sample_tasks", record("sample_tasks"))
+    monkeypatch.setattr(palm_rlhf.chat, "ChatSession", record("ChatSession"))
+    monkeypatch.setattr(palm_rlhf.hf.convert, "import_hf", record("import_hf"))
+    monkeypatch.setattr(palm_rlhf.hf.convert, "export_hf", record("export_hf"))
 
     def fake_serve(session, host, port, token=None, allowed_hosts=(), announce=print):
         seen = (str(session.log.path), session.per_task, session.target, sorted(session.tasks))
@@ -292,7 +306,14 @@ def run(argv, calls, capsys):
 
 # Checked elsewhere because they act only on files a fresh run does not have yet: sample's
 # --overwrite (tests/test_label_cli.py refuses an existing --out without it).
-NEEDS_EXISTING_OUTPUT = {("sample", "--overwrite")}
+NEEDS_EXISTING_OUTPUT = {
+    ("sample", "--overwrite"),
+    # sample's --out receives the tasks after sampling, where the recorder stops the run;
+    # tests/test_label_cli.py reads the tasks back from --out.
+    ("sample", "--out"),
+    ("import-hf", "--overwrite"),  # tests/test_hf_convert.py
+    ("export-hf", "--overwrite"),
+}
 
 
 @pytest.mark.parametrize(
@@ -309,6 +330,9 @@ NEEDS_EXISTING_OUTPUT = {("sample", "--overwrite")}
         "demo",
         "sample",
         "label",
+        "chat",
+        "import-hf",
+        "export-hf",
     ],
 )
 def test_every_flag_reaches_the_stage_or_is_refused_by_name(sub, files, recorder, capsys):

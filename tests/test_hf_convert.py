@@ -312,7 +312,16 @@ def test_cli_refuses_a_non_empty_out_and_a_reward_model(tmp_path, capsys):
     (tmp_path / "ours" / "notes.txt").write_text("mine")
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ours")]) == 2
     assert "--out" in capsys.readouterr().err
+    # Even --overwrite never deletes a file the conversion did not write.
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ours"), "--overwrite"]) == 2
+    assert "refusing to overwrite a directory holding other files ['notes.txt']" in (
+        capsys.readouterr().err
+    )
     assert (tmp_path / "ours" / "notes.txt").read_text() == "mine"
+    # An earlier import is replaced only with --overwrite.
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "again")]) == 0
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "again")]) == 2
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "again"), "--overwrite"]) == 0
     from palm_rlhf import RewardModel
 
     RewardModel(

@@ -154,7 +154,8 @@ class HFTokenizer:
         lstrip_blocks, `raise_exception`, `strftime_now` and a `tojson` filter)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        jinja2 = _require("jinja2")
+        _require("jinja2")
+        from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -164,7 +165,7 @@ class HFTokenizer:
             return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
         environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
         )
         environment.filters["tojson"] = tojson
         environment.globals["raise_exception"] = raise_exception
