@@ -1,11 +1,12 @@
 """`palm-rlhf chat`: a terminal conversation held in the KV cache between turns.
 
-Each turn renders the whole conversation (through the model's chat template when its tokenizer
-has one, else a plain "User: / Assistant:" transcript), tokenizes it, and feeds the model only
-the tokens past the longest prefix it has already read: the history is never run through the
-model again, only what is new (the user's message and the turn markers around it). Replies
-stream as they are decoded. Model output is untrusted text: control characters are shown
-escaped, never sent to the terminal, so a reply cannot move the cursor or retitle the window.
+Each turn renders the whole conversation as text (through the model's chat template when its
+tokenizer has one, else a plain "User: / Assistant:" transcript). The text extends what the
+cache already holds, so only the new part (the end of the last turn, the user's message, the
+markers of the assistant's turn) is tokenized and run through the model; the history never is
+again, and the replies stay in the cache exactly as sampled. Replies stream as they are
+decoded. Model output is untrusted text: control characters are shown escaped, never sent to
+the terminal, so a reply cannot move the cursor or retitle the window.
 """
 
 from __future__ import annotations
