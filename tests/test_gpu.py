@@ -219,3 +219,33 @@ def test_one_grpo_iteration_on_the_gpu_with_a_reward_model_and_a_function():
     metrics = trainer.step()
     assert metrics["first_ratio_max_dev"] == 0.0
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_an_imported_cohere2_on_cuda_matches_the_cpu_and_chats(tmp_path):
+    # The Hugging Face path on the GPU: an imported model (sliding windows, several stop ids)
+    # computes the CPU's logits, decodes in bf16, and holds a chat in a CUDA KV cache.
+    hf_models = pytest.importorskip("hf_models")
+    from bpe import tokenizer_files
+
+    from palm_rlhf.chat import ChatSession
+    from palm_rlhf.hf import HFTokenizer, import_hf
+
+    hf_models.save_hf_dir(hf_models.tiny_hf_model("cohere2", sliding_window=6), tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours", show_progress=False)
+    cpu = PaLM.from_pretrained(tmp_path / "ours")
+    cuda = PaLM.from_pretrained(tmp_path / "ours").cuda()
+    tokens = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        difference = (cuda(tokens.cuda()).cpu() - cpu(tokens)).abs().max().item()
+    assert difference <= 1e-4
+    tokenizer = HFTokenizer(tokenizer_files())
+    bf16 = PaLM.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16).cuda()
+    out = generate(bf16, [[tokenizer.bos_id, 17, 99]], max_new_tokens=16, temperature=0.0,
+                   eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id)  # fmt: skip
+    assert out.tokens.device.type == "cuda" and out.mask[0, 0]
+    session = ChatSession(cuda, tokenizer, temperature=0.0, max_new_tokens=8)
+    session.reply("def wrap(text):")
+    session.prepare("and shlex?")
+    with torch.no_grad():
+        fresh = cuda(torch.tensor([session.cached], device="cuda"))[:, -1]
+    assert (session.logits - fresh).abs().max().item() <= 1e-4

@@ -421,3 +421,29 @@ def test_unusable_tokenizers_are_refused(edit, message):
     }
     with pytest.raises(ValueError, match=message):
         HFTokenizer(files)
+
+
+def test_special_tokens_and_template_from_the_other_files():
+    # Hub repositories spread these over several files: special_tokens_map.json (a string or
+    # {"content": ...} per token) and chat_template.jinja, which wins over tokenizer_config.json.
+    files = tokenizer_files()
+    config = json.loads(files["tokenizer_config.json"])
+    for key in ("bos_token", "eos_token", "pad_token"):
+        del config[key]
+    special = {
+        "bos_token": {"content": "<BOS_TOKEN>", "lstrip": False},
+        "eos_token": "<EOS_TOKEN>",
+        "pad_token": "<PAD>",
+    }
+    files = {
+        **files,
+        "tokenizer_config.json": json.dumps(config),
+        "special_tokens_map.json": json.dumps(special),
+        "chat_template.jinja": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+    }
+    tokenizer = HFTokenizer(files)
+    assert tokenizer.bos_id == tokenizer.backend.token_to_id("<BOS_TOKEN>")
+    assert tokenizer.eos_id == tokenizer.backend.token_to_id("<EOS_TOKEN>")
+    end_of_turn = tokenizer.backend.token_to_id("<|END_OF_TURN_TOKEN|>")
+    assert tokenizer.stop_ids == (tokenizer.eos_id, end_of_turn)  # generation_config adds it
+    assert tokenizer.render_chat([{"role": "user", "content": "hi"}]) == "[hi]"
