@@ -2,6 +2,7 @@
 
 from .config import LoRAConfig, PaLMConfig, PPOConfig, TrainConfig
 from .generation import GenerationOutput, generate
+from .hf import HFTokenizer, export_hf, import_hf
 from .kv_cache import KVCache
 from .lora import add_lora, lora_parameters, merge_lora, remove_lora
 from .palm import PaLM, lm_loss
@@ -20,6 +21,7 @@ __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
     "GenerationOutput",
+    "HFTokenizer",
     "KVCache",
     "LoRAConfig",
     "PaLM",
@@ -31,7 +33,9 @@ __all__ = [
     "Tokenizer",
     "TrainConfig",
     "add_lora",
+    "export_hf",
     "generate",
+    "import_hf",
     "lm_loss",
     "lora_parameters",
     "merge_lora",

@@ -99,7 +99,10 @@ def export_hf(
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
     }
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"{directory}: weights in {dtype}; export as one of {sorted(DTYPES)}")
+    dtype_name = names[dtype]
     hf_config = hf_config_from_palm(config, token_ids, dtype_name)
     plans = hf_plans(config, source, lora, dtype)
     shards, index = _shard(plans, max_shard_bytes)
