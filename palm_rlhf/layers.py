@@ -94,7 +94,7 @@ class ParallelBlock(nn.Module):
     def __init__(self, config: PaLMConfig, index: int = 0) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
-        self.sliding = config.layer_type(index) == "sliding"
+        self.attention = config.layer_type(index)  # "full" or "sliding": which mask it gets
         self.use_rotary = config.layer_has_rotary(index)
         self.norm_eps = config.norm_eps
         inner = config.ff_inner_dim
@@ -123,14 +123,13 @@ class ParallelBlock(nn.Module):
         self,
         x: Tensor,
         rotary: RotaryTables,
-        attn_mask: Tensor | None | dict[str, tuple[Tensor | None, bool]],
+        attn_mask: Tensor | None,
         is_causal: bool,
         cache_layer: tuple[Tensor, Tensor] | None = None,
         cache_start: int = 0,
         lora_scope: str | None = None,
     ) -> Tensor:
-        """x: (b, n, dim). attn_mask: bool (b, 1, n, m) or None, or a dict of
-        (mask, is_causal) by layer type when the model has sliding layers. cache_layer: preallocated
+        """x: (b, n, dim). attn_mask: bool (b, 1, n, m) or None. cache_layer: preallocated
         (keys, values), each (b, k, max_len, d); this call writes positions
         [cache_start, cache_start + n) and attends to everything before them too."""
         normed = self.norm(x)
@@ -158,8 +157,6 @@ class ParallelBlock(nn.Module):
             cache_values[:, :, cache_start:end] = v
             k, v = cache_keys[:, :, :end], cache_values[:, :, :end]
 
-        if isinstance(attn_mask, dict):
-            attn_mask, is_causal = attn_mask["sliding" if self.sliding else "full"]
         attn = self._attend(q, k, v, attn_mask, is_causal, scale)  # (b, n, h * d)
         out = self.attn_out(attn, lora_scope) + self.ff_out(F.silu(ff_gate) * ff_value, lora_scope)
         if self.dropout > 0 and self.training:

@@ -106,16 +106,17 @@ class PaLM(nn.Module):
         if cache is not None:
             padded = cache.note_padding(padded)
         key_mask = cache.write_mask(mask) if cache is not None else mask
-        attn_mask, is_causal = self._attention_mask(key_mask, tokens.shape[1], past, padded)
+        # (attn_mask, is_causal) for each kind of layer: every layer is "full" unless the
+        # config makes some "sliding".
+        masks = {"full": self._attention_mask(key_mask, tokens.shape[1], past, padded)}
         if "sliding" in self.config.layer_types:
-            attn_mask = self._masks_by_layer_type(
-                (attn_mask, is_causal), key_mask, tokens.shape[1], past
-            )
+            masks["sliding"] = self._sliding_mask(masks["full"], key_mask, tokens.shape[1], past)
         rotary = self.rotary(positions)
 
         x = self.token_emb(tokens)  # (b, n, d)
         for index, block in enumerate(self.blocks):
             cache_layer = cache.layer(index) if cache is not None else None
+            attn_mask, is_causal = masks[block.attention]
             x = block(x, rotary, attn_mask, is_causal, cache_layer, past, lora_scope)
         if cache is not None:
             cache.advance(mask)
@@ -195,22 +196,22 @@ class PaLM(nn.Module):
             allowed = allowed & (key_pos <= query_pos)
         return allowed | (key_pos == query_pos), False
 
-    def _masks_by_layer_type(
+    def _sliding_mask(
         self, full: tuple[Tensor | None, bool], key_mask: Tensor, n: int, past: int
-    ) -> dict[str, tuple[Tensor | None, bool]]:
-        """The (attn_mask, is_causal) of full layers and of sliding ones, where a query at slot
-        i sees the keys at slots (i - sliding_window, i], as Hugging Face's Cohere2 does. Slots
-        count padding, but a row's real tokens are contiguous, so a window of slots is a
-        window of real tokens too."""
+    ) -> tuple[Tensor | None, bool]:
+        """(attn_mask, is_causal) of the sliding layers, given the full layers' `full`: a query
+        at slot i sees the keys at slots (i - sliding_window, i], as Hugging Face's Cohere2
+        does. Slots count padding, but a row's real tokens are contiguous, so a window of
+        slots is a window of real tokens too."""
         window = self.config.sliding_window
         if past + n <= window:  # no key is old enough to fall out of any window
-            return {"full": full, "sliding": full}
+            return full
         m = key_mask.shape[1]
         query_pos = torch.arange(past, past + n, device=key_mask.device)[:, None]  # (n, 1)
         key_pos = torch.arange(m, device=key_mask.device)[None, :]  # (1, m)
         in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
         allowed = key_mask[:, None, None, :] & in_window  # (b, 1, n, m)
-        return {"full": full, "sliding": (allowed | (key_pos == query_pos), False)}
+        return allowed | (key_pos == query_pos), False
 
     # ----------------------------------------------------------------------------- helpers
 
