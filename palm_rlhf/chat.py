@@ -335,14 +335,13 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from .tokenizer import check_vocabulary, load_tokenizer
+    from .tokenizer import model_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes.get(args.dtype, torch.float32 if device.type == "cpu" else None)
     model = PaLM.from_pretrained(args.checkpoint, dtype=dtype).to(device)
-    tokenizer = load_tokenizer(model.tokenizer_files)
-    check_vocabulary(tokenizer, model.config.num_tokens, str(args.checkpoint))
+    tokenizer = model_tokenizer(model, str(args.checkpoint))
     scope = args.lora_scope
     if scope is None and len(model.lora_configs) == 1:
         (scope,) = model.lora_configs

@@ -226,9 +226,9 @@ def write_safetensors(handle: BinaryIO, plans: dict[str, TensorPlan]) -> None:
     """Write a safetensors file one tensor at a time, each computed only when it is written:
     a conversion (`palm_rlhf.hf`) never holds more than one converted tensor, where
     safetensors' save_file needs every tensor in memory at once. Layout, from the format's
-    specification: an
-    8-byte little-endian header length, a JSON header (names -> dtype, shape, byte range;
-    padded with spaces to a multiple of 8), then the raw little-endian bytes in header order."""
+    specification: an 8-byte little-endian header length, a JSON header (names -> dtype,
+    shape, byte range; padded with spaces to a multiple of 8), then the raw little-endian
+    bytes in header order."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, plan in plans.items():

@@ -22,9 +22,9 @@ from .preferences import AGGREGATE_CHOICES
 from .rl.cli import add_dpo_parser, add_grpo_parser
 from .tokenizer import (
     ByteTokenizer,
-    check_vocabulary,
     encode_prompt,
     load_tokenizer,
+    model_tokenizer,
     read_tokenizer_files,
     stop_ids,
 )
@@ -135,17 +135,15 @@ def add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
 def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
     """`cls` from `base` and the flags given; a field the config refuses is named by its flag."""
     values = dict(base)
-    given = set()
     for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = value
-            given.add(field.name)
     try:
         return cls(**values)
     except ValueError as error:
         field, _, reason = str(error).partition(": ")
-        if field in given or (field in values and hasattr(args, field)):
+        if field in values and hasattr(args, field):  # a value that came with a flag
             raise ValueError(f"{_flag(field)}: {reason}") from None
         raise
 
@@ -287,8 +285,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 @torch.inference_mode()
 def run_generate(args: argparse.Namespace) -> None:
     model = PaLM.from_pretrained(args.checkpoint)
-    tokenizer = load_tokenizer(model.tokenizer_files)
-    check_vocabulary(tokenizer, model.config.num_tokens, str(args.checkpoint))
+    tokenizer = model_tokenizer(model, str(args.checkpoint))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     prompts = [encode_prompt(tokenizer, p) for p in args.prompt]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -148,6 +148,14 @@ def check_vocabulary(tokenizer: Tokenizer, num_tokens: int, model: str = "the mo
             f"{model} has {num_tokens} token embeddings, but its tokenizer "
             f"({type(tokenizer).__name__}) produces ids up to {tokenizer.vocab_size - 1}"
         )
+
+
+def model_tokenizer(model: Any, name: str = "the model") -> Tokenizer:
+    """The tokenizer a loaded PaLM reads (its `tokenizer_files`), checked against its
+    embeddings (`check_vocabulary`); `name` says which model in the error."""
+    tokenizer = load_tokenizer(model.tokenizer_files)
+    check_vocabulary(tokenizer, model.config.num_tokens, name)
+    return tokenizer
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> list[int]:

@@ -43,11 +43,10 @@ def add_sample_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def _load_policy(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..palm import PaLM
-    from ..tokenizer import check_vocabulary, load_tokenizer
+    from ..tokenizer import model_tokenizer
 
     policy = PaLM.from_pretrained(args.policy)
-    tokenizer = load_tokenizer(policy.tokenizer_files)
-    check_vocabulary(tokenizer, policy.config.num_tokens, str(args.policy))
+    tokenizer = model_tokenizer(policy, str(args.policy))
     policy.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy, tokenizer
 

@@ -171,9 +171,10 @@ class RolloutEngine:
         self.stop_ids = stop_ids(tokenizer)
         self._stops = torch.tensor(self.stop_ids, device=policy.token_emb.weight.device)
 
-    def ended(self, response_tokens: Tensor) -> Tensor:
-        """(b, n) sampled tokens -> (b,) bool: the response ended at a stop id."""
-        return torch.isin(response_tokens, self._stops.to(response_tokens.device)).any(dim=1)
+    def stopped(self, response_tokens: Tensor) -> Tensor:
+        """(b, n) sampled tokens -> (b, n) bool: the token is a stop id (where a response
+        ends; `.any(dim=1)` says which responses ended)."""
+        return torch.isin(response_tokens, self._stops.to(response_tokens.device))
 
     # --------------------------------------------------------------------------- sampling
 
@@ -197,8 +198,9 @@ class RolloutEngine:
             lora_scope=self.actor_scope,
         )
         mask = out.mask
-        ended = self.ended(out.tokens)
-        text = mask & ~torch.isin(out.tokens, self._stops.to(out.tokens.device))
+        stopped = self.stopped(out.tokens)
+        ended = stopped.any(dim=1)
+        text = mask & ~stopped
         responses = [tok.decode(t[m]) for t, m in zip(out.tokens, text, strict=True)]
         parts, scores = self.score(records, responses, out.tokens, mask, prompt_rows)
         device = self.policy.token_emb.weight.device
@@ -230,7 +232,7 @@ class RolloutEngine:
         device = self.policy.token_emb.weight.device
         records = as_records(records)
         parts = self.score_parts(records, responses, prompt_rows, response_tokens, response_mask)
-        ended = self.ended(response_tokens)
+        ended = self.stopped(response_tokens).any(dim=1)
         parts = parts.to(device)
         return parts, self.combine(parts, ended.to(device))
 
