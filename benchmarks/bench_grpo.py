@@ -113,7 +113,7 @@ def build_ours(c, args, learn_times):
     import torch
 
     from palm_rlhf import GRPOConfig, GRPOTrainer, PaLM, PaLMConfig
-    from palm_rlhf.tokenizer import ByteTokenizer
+    from palm_rlhf.tokenizers.base import ByteTokenizer
 
     tok, n = ByteTokenizer(), c["prompt"] + c["new"]
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)

@@ -71,10 +71,10 @@ def build_ours(c, args, learn_times):
     import torch
 
     from palm_rlhf import PaLM, PaLMConfig
-    from palm_rlhf.config import PPOConfig
-    from palm_rlhf.reward import RewardModel
+    from palm_rlhf.model.reward import RewardModel
+    from palm_rlhf.rl.config import PPOConfig
     from palm_rlhf.rl.ppo import PPOTrainer
-    from palm_rlhf.tokenizer import ByteTokenizer
+    from palm_rlhf.tokenizers.base import ByteTokenizer
 
     tok, n = ByteTokenizer(), c["prompt"] + c["new"]
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from palm_rlhf import ByteTokenizer, DPOConfig, PaLM, train_dpo
-from palm_rlhf.config import TrainConfig
 from palm_rlhf.demo import SETTINGS, demo_prompts, rule_eval
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.state import TrainingCheckpoints
 
 
 def parse_args() -> argparse.Namespace:

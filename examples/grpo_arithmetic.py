@@ -20,9 +20,9 @@ import torch
 
 from palm_rlhf import ByteTokenizer, GRPOConfig, GRPOTrainer, PaLM, PaLMConfig, generate
 from palm_rlhf.arithmetic import addition_problems, exact_match, write_sft_pairs
-from palm_rlhf.config import TrainConfig
-from palm_rlhf.tokenizer import encode_prompt
-from palm_rlhf.train_lm import train_lm
+from palm_rlhf.tokenizers.base import encode_prompt
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,10 +8,11 @@ import argparse
 from pathlib import Path
 
 from palm_rlhf import ByteTokenizer, PaLM, generate
-from palm_rlhf.config import TrainConfig, preset_config
-from palm_rlhf.tokenizer import encode_prompt
-from palm_rlhf.train_lm import train_lm
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.config import preset_config
+from palm_rlhf.tokenizers.base import encode_prompt
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
+from palm_rlhf.training.state import TrainingCheckpoints
 
 
 def main() -> None:

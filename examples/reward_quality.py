@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 from palm_rlhf import ByteTokenizer, PaLM
-from palm_rlhf.checkpoint import write_bytes_atomic
-from palm_rlhf.config import TrainConfig
-from palm_rlhf.labeler import label_samples, stdlib_prompts, write_rankings
-from palm_rlhf.preferences import PreferenceGroup, load_preferences
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.train_reward import heldout_accuracy, train_reward
+from palm_rlhf.data.preferences import PreferenceGroup, load_preferences
+from palm_rlhf.data.prompts import stdlib_prompts
+from palm_rlhf.label.simulated import label_samples, write_rankings
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.storage.atomic import write_bytes_atomic
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.reward import heldout_accuracy, train_reward
 
 
 def parse_args() -> argparse.Namespace:

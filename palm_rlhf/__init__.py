@@ -1,19 +1,24 @@
-"""palm_rlhf: PaLM + RLHF in PyTorch."""
+"""palm_rlhf: PaLM + RLHF in PyTorch. The names users import, stable however the modules below
+are arranged: the model and its config, generation, tokenizers, the losses, the trainers and
+their configs, and the Hugging Face conversion."""
 
-from .config import LoRAConfig, PaLMConfig, PPOConfig, TrainConfig
+from .config import LoRAConfig, PaLMConfig
 from .generation import GenerationOutput, generate
 from .hf import HFTokenizer, export_hf, import_hf
-from .kv_cache import KVCache
-from .lora import add_lora, lora_parameters, merge_lora, remove_lora
-from .palm import PaLM, lm_loss
-from .reward import RewardConfig, RewardModel, pairwise_loss, ranking_loss
-from .rl.configs import DPOConfig, GRPOConfig
-from .rl.dpo import train_dpo
+from .losses.lm import lm_loss
+from .losses.preference import pairwise_loss, ranking_loss
+from .model.kv_cache import KVCache
+from .model.lora import add_lora, lora_parameters, merge_lora, remove_lora
+from .model.palm import PaLM
+from .model.reward import RewardConfig, RewardModel
+from .rl.config import GRPOConfig, PPOConfig
 from .rl.grpo import GRPOTrainer
 from .rl.ppo import PPOTrainer
-from .tokenizer import ByteTokenizer, Tokenizer, pad_sequences
-from .train_lm import train_lm
-from .train_reward import train_reward
+from .tokenizers.base import ByteTokenizer, Tokenizer, pad_sequences
+from .training.config import DPOConfig, TrainConfig
+from .training.dpo import train_dpo
+from .training.lm import train_lm
+from .training.reward import train_reward
 
 __all__ = [
     "ByteTokenizer",

@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from .prompts import PromptRecord
+from .data.prompts import PromptRecord
 
 
 def _split_of(a: int, b: int) -> str:

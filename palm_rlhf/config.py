@@ -1,4 +1,5 @@
-"""Frozen, validated configuration dataclasses with a JSON round trip.
+"""The model configs (`PaLMConfig`, `LoRAConfig`, the presets) and the validation helpers every
+config uses, with a JSON round trip.
 
 Every field carries a docstring (the string literal right after it); `field_docs` reads them so
 the CLI can turn them into `--help` text. Unknown keys are rejected on load: a typo in a config
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _check(condition: bool, field: str, message: str) -> None:
+def check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{field}: {message}")
 
@@ -95,71 +96,71 @@ class PaLMConfig:
             "max_seq_len",
         ):
             value = getattr(self, name)
-            _check(
+            check(
                 isinstance(value, int) and not isinstance(value, bool),
                 name,
                 f"must be an int, got {value!r}",
             )
-            _check(value > 0, name, f"must be positive, got {value}")
-        _check(
+            check(value > 0, name, f"must be positive, got {value}")
+        check(
             self.heads % self.kv_heads == 0,
             "kv_heads",
             f"must divide heads={self.heads}, got {self.kv_heads}",
         )
-        _check(self.dim_head % 2 == 0, "dim_head", f"must be even for rotary, got {self.dim_head}")
-        _check(self.rotary_base > 0, "rotary_base", f"must be positive, got {self.rotary_base}")
-        _check(
+        check(self.dim_head % 2 == 0, "dim_head", f"must be even for rotary, got {self.dim_head}")
+        check(self.rotary_base > 0, "rotary_base", f"must be positive, got {self.rotary_base}")
+        check(
             self.xpos_scale_base > 0,
             "xpos_scale_base",
             f"must be positive, got {self.xpos_scale_base}",
         )
-        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(
             self.z_loss_weight >= 0,
             "z_loss_weight",
             f"must be non-negative, got {self.z_loss_weight}",
         )
-        _check(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
-        _check(
+        check(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+        check(
             self.qk_norm_scale > 0, "qk_norm_scale", f"must be positive, got {self.qk_norm_scale}"
         )
         self._check_cohere_options()
 
     def _check_cohere_options(self) -> None:
-        _check(
-            self.ff_inner is None or _positive_int(self.ff_inner),
+        check(
+            self.ff_inner is None or positive_int(self.ff_inner),
             "ff_inner",
             f"must be a positive int or None, got {self.ff_inner!r}",
         )
-        _check(
+        check(
             not (self.qk_norm and self.qk_layernorm),
             "qk_layernorm",
             "excludes qk_norm (the cosine qk-norm): choose one",
         )
-        _check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
-        _check(self.logit_scale > 0, "logit_scale", f"must be positive, got {self.logit_scale}")
+        check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        check(self.logit_scale > 0, "logit_scale", f"must be positive, got {self.logit_scale}")
         # JSON brings lists back; the frozen config keeps tuples (hashable, immutable).
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "rotary_layers", tuple(self.rotary_layers))
         for name in ("layer_types", "rotary_layers"):
             length = len(getattr(self, name))
-            _check(
+            check(
                 length in (0, self.depth),
                 name,
                 f"needs one entry per layer (depth={self.depth}) or none, got {length}",
             )
         unknown = sorted(set(self.layer_types) - {"full", "sliding"})
-        _check(not unknown, "layer_types", f"entries must be 'full' or 'sliding', got {unknown}")
+        check(not unknown, "layer_types", f"entries must be 'full' or 'sliding', got {unknown}")
         bad = [v for v in self.rotary_layers if not isinstance(v, bool)]
-        _check(not bad, "rotary_layers", f"entries must be true or false, got {bad}")
+        check(not bad, "rotary_layers", f"entries must be true or false, got {bad}")
         sliding = "sliding" in self.layer_types
-        _check(
-            self.sliding_window is None or _positive_int(self.sliding_window),
+        check(
+            self.sliding_window is None or positive_int(self.sliding_window),
             "sliding_window",
             f"must be a positive int or None, got {self.sliding_window!r}",
         )
-        _check(not sliding or self.causal, "layer_types", "'sliding' layers need causal=True")
-        _check(
+        check(not sliding or self.causal, "layer_types", "'sliding' layers need causal=True")
+        check(
             sliding == (self.sliding_window is not None),
             "sliding_window",
             "is required by 'sliding' layers and only allowed with them",
@@ -187,7 +188,7 @@ class PaLMConfig:
         return config_from_dict(cls, data)
 
 
-def _positive_int(value: Any) -> bool:
+def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -203,7 +204,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .checkpoint import write_bytes_atomic
+    from .storage.atomic import write_bytes_atomic
 
     text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode())
@@ -255,110 +256,16 @@ class LoRAConfig:
     ff_out."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
             "rank",
             f"must be a positive int, got {self.rank!r}",
         )
-        _check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        _check(len(self.targets) > 0, "targets", "must name at least one projection")
+        check(len(self.targets) > 0, "targets", "must name at least one projection")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        _check(not unknown, "targets", f"unknown projections {unknown}; choose from {LORA_TARGETS}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Pretraining / SFT loop settings (`palm_rlhf.train_lm`)."""
-
-    data: str = "stdlib"
-    """Corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder of text
-    files, a .gz file or a .jsonl file (see jsonl_field). For SFT: a JSONL of prompt/response;
-    for reward: a preference JSONL."""
-    jsonl_field: str = "text"
-    """Field holding each document's text in a .jsonl corpus."""
-    seq_len: int = 256
-    """Tokens per training sequence (documents are packed with eos between them)."""
-    batch_size: int = 16
-    """Sequences per micro-batch on each process."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    steps: int = 1000
-    """Optimizer steps to train for (total, including steps before a resume)."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """Cosine schedule floor as a fraction of lr."""
-    warmup_steps: int = 100
-    """Linear warmup steps before the cosine decay."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices; norms and embeddings are not decayed."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    mixed_precision: str = "no"
-    """'no' or 'bf16' (autocast through accelerate, which fixes it once per process)."""
-    eval_every: int = 200
-    """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
-    eval_batches: int = 8
-    """Held-out micro-batches per evaluation."""
-    sample_every: int = 500
-    """Print a sample every N steps (0 disables)."""
-    sample_prompt: str = "def "
-    """Prompt for periodic samples."""
-    log_every: int = 10
-    """Write a metrics line every N steps."""
-    checkpoint_every: int = 500
-    """Save model + full training state every N steps (and always at the end)."""
-    keep_checkpoints: int = 2
-    """How many recent checkpoints to keep."""
-    seed: int = 0
-    """Seed for initialisation, data order and dropout."""
-    time_limit_s: float = 0.0
-    """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "seq_len",
-            "batch_size",
-            "grad_accum",
-            "steps",
-            "eval_batches",
-            "log_every",
-            "keep_checkpoints",
-        ):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                name,
-                f"must be a positive int, got {value!r}",
-            )
-        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                f"must be a non-negative int, got {value!r}",
-            )
-        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _check(
-            0 <= self.min_lr_ratio <= 1,
-            "min_lr_ratio",
-            f"must be in [0, 1], got {self.min_lr_ratio}",
-        )
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
-        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
-        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        _check(
-            self.mixed_precision in ("no", "bf16"),
-            "mixed_precision",
-            f"must be 'no' or 'bf16', got {self.mixed_precision!r}",
-        )
-        _check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
+        check(not unknown, "targets", f"unknown projections {unknown}; choose from {LORA_TARGETS}")
 
 
 # Named model sizes for the CLI. `tiny` trains in minutes on a laptop CPU.
@@ -375,95 +282,11 @@ def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
     return PaLMConfig(num_tokens=num_tokens, **{**PRESETS[name], **overrides})
 
 
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO fine-tuning settings (`palm_rlhf.rl.ppo.PPOTrainer`). Defaults follow "The N
-    Implementation Details of RLHF with PPO" (Huang et al.) scaled to toy models."""
-
-    rollout_batch_size: int = 16
-    """Prompts sampled per iteration (one response each)."""
-    max_new_tokens: int = 64
-    """Longest response."""
-    max_prompt_tokens: int = 128
-    """Prompts are cut to their last this-many tokens."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs everywhere divide logits by it (checklist 3). Sampling is
-    unfiltered (no top-k/top-p) so the PPO ratio compares the distribution actually sampled."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    minibatch_size: int = 8
-    """Responses per forward/backward pass."""
-    grad_accum: int = 1
-    """Minibatches whose gradients are accumulated into one optimizer step."""
-    lr: float = 3e-4
-    """AdamW learning rate of the actor's adapters."""
-    critic_lr: float = 3e-4
-    """AdamW learning rate of the critic's adapters and value head."""
-    clip: float = 0.2
-    """PPO ratio clip epsilon."""
-    value_clip: float = 0.2
-    """Value clip epsilon around the rollout's values."""
-    value_coef: float = 0.1
-    """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (a bonus lowers the loss when entropy rises)."""
-    kl_coef: float = 0.05
-    """Initial per-token KL penalty beta against the reference policy."""
-    adaptive_kl: bool = False
-    """Adapt beta towards kl_target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Target KL (nats per response) of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive controller."""
-    gamma: float = 1.0
-    """GAE discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Whiten advantages over valid tokens of the rollout batch."""
-    no_eos_penalty: float = -1.0
-    """Score given to a response that never emits eos instead of its reward (checklist 6);
-    set to nan to keep the reward's score."""
-    score_clip: float = 0.0
-    """Clip scores to [-score_clip, score_clip]; 0 disables."""
-    lora_rank: int = 8
-    """Rank of the actor and critic LoRA scopes."""
-    lora_alpha: float = 16.0
-    """Alpha of the actor and critic LoRA scopes."""
-    full_finetune: bool = False
-    """Train every policy weight instead of an actor adapter (the reference is then a frozen
-    copy, and the critic gets its own copy of the trunk)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (0 disables)."""
-    seed: int = 0
-    """Seed for prompt order, sampling and minibatch shuffling."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "rollout_batch_size",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "ppo_epochs",
-            "minibatch_size",
-            "grad_accum",
-            "lora_rank",
-            "kl_horizon",
-        ):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                name,
-                f"must be a positive int, got {value!r}",
-            )
-        _check(
-            self.minibatch_size <= self.rollout_batch_size,
-            "minibatch_size",
-            f"must be <= rollout_batch_size={self.rollout_batch_size}",
+def positive_ints(config: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        check(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            name,
+            f"must be a positive int, got {value!r}",
         )
-        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        for name in ("lr", "critic_lr", "clip", "value_clip", "lora_alpha", "kl_target"):
-            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"):
-            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
-        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")

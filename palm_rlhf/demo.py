@@ -25,20 +25,22 @@ from typing import Any
 
 import torch
 
-from .checkpoint import write_bytes_atomic
-from .config import PPOConfig, TrainConfig, preset_config
-from .docstrings import DocstringPair, stdlib_docstring_pairs
+from .config import preset_config
+from .data.docstrings import DocstringPair, stdlib_docstring_pairs
 from .label.human import HumanLabeling, rank_by_people
-from .labeler import label_samples, rule_score, sample_completions, write_rankings
-from .palm import PaLM
+from .label.simulated import label_samples, rule_score, sample_completions, write_rankings
+from .model.palm import PaLM
+from .model.reward import RewardConfig, RewardModel
 from .plot import write_ppo_curves
-from .reward import RewardConfig, RewardModel
+from .rl.config import PPOConfig
 from .rl.ppo import PPOTrainer
-from .runs import claim_run_dir
-from .tokenizer import ByteTokenizer, Tokenizer
-from .train_lm import train_lm
-from .train_reward import heldout_accuracy, train_reward
-from .train_state import TrainingCheckpoints
+from .storage.atomic import write_bytes_atomic
+from .tokenizers.base import ByteTokenizer, Tokenizer
+from .training.config import TrainConfig
+from .training.lm import train_lm
+from .training.reward import heldout_accuracy, train_reward
+from .training.runs import claim_run_dir
+from .training.state import TrainingCheckpoints
 
 DEMO_RUN_MARKERS = (
     "pretrain",

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lora import LoRALinear
-from .palm import PaLM
-from .tokenizer import pad_sequences
+from .model.lora import LoRALinear
+from .model.palm import PaLM
+from .tokenizers.base import pad_sequences
 
 
 class GenerationOutput(NamedTuple):

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import write_bytes_atomic
+from .storage.atomic import write_bytes_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import palm_rlhf
-from palm_rlhf import LoRAConfig, PaLM, PaLMConfig, checkpoint
-from palm_rlhf.checkpoint import replace_dir_atomic, write_bytes_atomic
+from palm_rlhf import LoRAConfig, PaLM, PaLMConfig
+from palm_rlhf.storage import atomic, safetensors
+from palm_rlhf.storage.atomic import replace_dir_atomic, write_bytes_atomic
 
 CONFIG = PaLMConfig(num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 TOKENS = torch.tensor([[1, 5, 9, 30, 2, 7], [31, 0, 4, 4, 8, 16]])
@@ -125,7 +126,7 @@ def test_crash_while_saving_weights_keeps_old_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("palm_rlhf.checkpoint.write_safetensors", crash)
+    monkeypatch.setattr("palm_rlhf.storage.checkpoint.write_safetensors", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         make_model(1).save_pretrained(tmp_path / "ckpt")
     assert listing(tmp_path) == ["ckpt"]
@@ -154,10 +155,10 @@ def test_streamed_safetensors_are_read_back_by_safetensors(tmp_path, dtype):
             produced.append(name)
             return tensors[name]
 
-        return checkpoint.TensorPlan(tuple(tensors[name].shape), dtype, produce)
+        return safetensors.TensorPlan(tuple(tensors[name].shape), dtype, produce)
 
     with open(tmp_path / "t.safetensors", "wb") as handle:
-        checkpoint.write_safetensors(handle, {name: plan(name) for name in tensors})
+        safetensors.write_safetensors(handle, {name: plan(name) for name in tensors})
     assert produced == list(tensors)
     loaded = load_file(tmp_path / "t.safetensors")
     assert sorted(loaded) == sorted(tensors)
@@ -166,9 +167,9 @@ def test_streamed_safetensors_are_read_back_by_safetensors(tmp_path, dtype):
 
 
 def test_a_produced_tensor_that_breaks_its_plan_is_refused(tmp_path):
-    plans = {"w": checkpoint.TensorPlan((2, 2), torch.float32, lambda: torch.zeros(2, 3))}
+    plans = {"w": safetensors.TensorPlan((2, 2), torch.float32, lambda: torch.zeros(2, 3))}
     with open(tmp_path / "t.safetensors", "wb") as handle, pytest.raises(ValueError, match="w:"):
-        checkpoint.write_safetensors(handle, plans)
+        safetensors.write_safetensors(handle, plans)
 
 
 def test_bf16_checkpoint_loads_as_bf16_and_upcasts_on_request(tmp_path, monkeypatch):
@@ -437,7 +438,7 @@ def exchange_supported(directory: pathlib.Path) -> bool:
     first.mkdir()
     second.mkdir()
     try:
-        return checkpoint.exchange_paths(first, second)
+        return atomic.exchange_paths(first, second)
     finally:
         first.rmdir()
         second.rmdir()
@@ -450,17 +451,17 @@ def test_exchange_paths_swaps_two_directories(tmp_path):
     (tmp_path / "a" / "from_a").write_text("a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "from_b").write_text("b")
-    assert checkpoint.exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert atomic.exchange_paths(tmp_path / "a", tmp_path / "b")
     assert listing(tmp_path / "a") == ["from_b"]
     assert listing(tmp_path / "b") == ["from_a"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        checkpoint.exchange_paths(tmp_path / "a", tmp_path / "nowhere")
+        atomic.exchange_paths(tmp_path / "a", tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("exchange", ["renameat2", "two-rename fallback"])
 def test_overwrite_leaves_a_real_directory_and_no_siblings(tmp_path, monkeypatch, exchange):
     if exchange == "two-rename fallback":
-        monkeypatch.setattr(checkpoint, "exchange_paths", lambda first, second: False)
+        monkeypatch.setattr(atomic, "exchange_paths", lambda first, second: False)
     elif not exchange_supported(tmp_path):
         pytest.skip("renameat2(RENAME_EXCHANGE) is unavailable here")
     make_model(0).save_pretrained(tmp_path / "ckpt")
@@ -496,8 +497,8 @@ def save_killed_after(model: PaLM, target: pathlib.Path, crash_after: int, monke
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "rename", then_die(os.rename))
-        patch.setattr(checkpoint, "exchange_paths", then_die(checkpoint.exchange_paths))
-        patch.setattr(checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
+        patch.setattr(atomic, "exchange_paths", then_die(atomic.exchange_paths))
+        patch.setattr(atomic.shutil, "rmtree", lambda *args, **kwargs: None)
         try:
             model.save_pretrained(target)
         except Killed:
@@ -533,7 +534,7 @@ def test_fallback_puts_old_checkpoint_back_when_second_rename_fails(tmp_path, mo
             raise OSError("disk gone")
         real_rename(source, destination)
 
-    monkeypatch.setattr(checkpoint, "exchange_paths", lambda first, second: False)
+    monkeypatch.setattr(atomic, "exchange_paths", lambda first, second: False)
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="disk gone"):
         make_model(1).save_pretrained(tmp_path / "ckpt")

@@ -8,8 +8,8 @@ import torch
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig, generate
 from palm_rlhf.cli import main
-from palm_rlhf.runs import read_metrics
-from palm_rlhf.tokenizer import encode_prompt
+from palm_rlhf.tokenizers.base import encode_prompt
+from palm_rlhf.training.runs import read_metrics
 
 
 def test_help_lists_commands_and_options(capsys):
@@ -256,7 +256,7 @@ def test_reward_then_score(tmp_path, capsys):
 
 
 def test_ppo_stage_runs_alone_and_resumes(tmp_path, capsys):
-    from palm_rlhf.reward import RewardConfig, RewardModel
+    from palm_rlhf.model.reward import RewardConfig, RewardModel
 
     torch.manual_seed(0)
     config = PaLMConfig(num_tokens=259, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)

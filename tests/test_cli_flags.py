@@ -11,7 +11,6 @@ statically that every config field a loop receives is read by that loop.
 """
 
 import dataclasses
-import importlib
 import inspect
 import json
 import re
@@ -20,26 +19,29 @@ import pytest
 import torch
 from bpe import write_tokenizer
 
-import palm_rlhf.chat
 import palm_rlhf.cli as cli
+import palm_rlhf.cli.chat
+import palm_rlhf.cli.demo
+import palm_rlhf.cli.hf
+import palm_rlhf.cli.label
+import palm_rlhf.cli.options
+import palm_rlhf.cli.rl
+import palm_rlhf.cli.stages
 import palm_rlhf.demo
 import palm_rlhf.hf.convert
-import palm_rlhf.label.cli
 import palm_rlhf.label.server
-import palm_rlhf.reward
-import palm_rlhf.rl.dpo
+import palm_rlhf.model.reward
 import palm_rlhf.rl.grpo
 import palm_rlhf.rl.ppo
-import palm_rlhf.train_state
+import palm_rlhf.training.dpo
+import palm_rlhf.training.lm
+import palm_rlhf.training.reward
+import palm_rlhf.training.state
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.config import PPOConfig, TrainConfig
 from palm_rlhf.label.tasks import Task, write_tasks
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.rl.configs import DPOConfig, GRPOConfig
-
-# The package re-exports the functions train_lm and train_reward under their modules' names.
-TRAIN_LM = importlib.import_module("palm_rlhf.train_lm")
-TRAIN_REWARD = importlib.import_module("palm_rlhf.train_reward")
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.config import GRPOConfig, PPOConfig
+from palm_rlhf.training.config import DPOConfig, TrainConfig
 
 
 class Reached(Exception):
@@ -200,7 +202,7 @@ def flag_value(action, root, sub):
         return [flag]
     if action.choices:
         return [flag, sorted(c for c in action.choices if c != "tiny")[0]]  # tiny: the default
-    if action.type is cli._parse_bool:
+    if action.type is palm_rlhf.cli.options._parse_bool:
         default = next(
             (
                 f.default
@@ -268,26 +270,27 @@ def recorder(monkeypatch):
         calls.append(("reward_forward", normalise(self), tokens.tolist(), normalized))
         raise Reached("score")
 
-    monkeypatch.setattr(cli, "make_accelerator", fake_accelerator)
-    monkeypatch.setattr(cli, "generate", record("generate"))
-    monkeypatch.setattr(TRAIN_LM, "train_lm", record("train_lm"))
-    monkeypatch.setattr(TRAIN_REWARD, "train_reward", record("train_reward"))
-    monkeypatch.setattr(palm_rlhf.rl.ppo, "PPOTrainer", type("PPOTrainer", (FakeTrainer,), {}))
-    monkeypatch.setattr(palm_rlhf.rl.grpo, "GRPOTrainer", type("GRPOTrainer", (FakeTrainer,), {}))
-    monkeypatch.setattr(palm_rlhf.rl.dpo, "train_dpo", record("train_dpo"))
-    monkeypatch.setattr(palm_rlhf.demo, "run_demo", record("run_demo"))
-    monkeypatch.setattr(palm_rlhf.reward.RewardModel, "forward", fake_forward)
-    monkeypatch.setattr(palm_rlhf.label.cli, "sample_tasks", record("sample_tasks"))
-    monkeypatch.setattr(palm_rlhf.chat, "ChatSession", record("ChatSession"))
-    monkeypatch.setattr(palm_rlhf.hf.convert, "import_hf", record("import_hf"))
-    monkeypatch.setattr(palm_rlhf.hf.convert, "export_hf", record("export_hf"))
+    monkeypatch.setattr(palm_rlhf.cli.stages, "make_accelerator", fake_accelerator)
+    monkeypatch.setattr(palm_rlhf.cli.rl, "make_accelerator", fake_accelerator)
+    monkeypatch.setattr(palm_rlhf.cli.stages, "generate", record("generate"))
+    monkeypatch.setattr(palm_rlhf.cli.stages, "train_lm", record("train_lm"))
+    monkeypatch.setattr(palm_rlhf.cli.stages, "train_reward", record("train_reward"))
+    monkeypatch.setattr(palm_rlhf.cli.rl, "PPOTrainer", type("PPOTrainer", (FakeTrainer,), {}))
+    monkeypatch.setattr(palm_rlhf.cli.rl, "GRPOTrainer", type("GRPOTrainer", (FakeTrainer,), {}))
+    monkeypatch.setattr(palm_rlhf.cli.rl, "train_dpo", record("train_dpo"))
+    monkeypatch.setattr(palm_rlhf.cli.demo, "run_demo", record("run_demo"))
+    monkeypatch.setattr(palm_rlhf.model.reward.RewardModel, "forward", fake_forward)
+    monkeypatch.setattr(palm_rlhf.cli.label, "sample_tasks", record("sample_tasks"))
+    monkeypatch.setattr(palm_rlhf.cli.chat, "ChatSession", record("ChatSession"))
+    monkeypatch.setattr(palm_rlhf.cli.hf, "import_hf", record("import_hf"))
+    monkeypatch.setattr(palm_rlhf.cli.hf, "export_hf", record("export_hf"))
 
     def fake_serve(session, host, port, token=None, allowed_hosts=(), announce=print):
         seen = (str(session.log.path), session.per_task, session.target, sorted(session.tasks))
         calls.append(("serve", seen, host, port, list(allowed_hosts)))
         raise Reached("serve")
 
-    monkeypatch.setattr(palm_rlhf.label.server, "serve_until_done", fake_serve)
+    monkeypatch.setattr(palm_rlhf.cli.label, "serve_until_done", fake_serve)
     assert real_forward is not fake_forward
     return calls
 
@@ -357,25 +360,27 @@ def test_every_flag_reaches_the_stage_or_is_refused_by_name(sub, files, recorder
 
 def config_readers(module_source: str, cls: type) -> list[str]:
     """Fields of `cls` that a loop never reads as `config.<field>`."""
+    # Import lines name modules (`from ..data.preferences`), not config fields.
+    module_source = re.sub(r"^\s*(from|import) .*$", "", module_source, flags=re.M)
     return [
         f.name for f in dataclasses.fields(cls) if not re.search(rf"\.{f.name}\b", module_source)
     ]
 
 
 def test_every_config_field_a_loop_receives_is_read_by_it():
-    helpers = "".join(
-        inspect.getsource(f) for f in (TRAIN_LM.lr_at, TRAIN_LM.make_optimizer)
-    ) + inspect.getsource(palm_rlhf.train_state)
-    lm = inspect.getsource(TRAIN_LM) + helpers
+    helpers = inspect.getsource(palm_rlhf.training.step) + inspect.getsource(
+        palm_rlhf.training.state
+    )
+    lm = inspect.getsource(palm_rlhf.training.lm) + helpers
     assert config_readers(lm, TrainConfig) == []
-    reward = inspect.getsource(TRAIN_REWARD) + helpers
+    reward = inspect.getsource(palm_rlhf.training.reward) + helpers
     unread = config_readers(reward, TrainConfig)
     # The reward loop reads `data` as its own argument; the rest it does not use are refused.
-    assert sorted(unread) == sorted(["data", *TRAIN_REWARD.NOT_FOR_REWARD])
+    assert sorted(unread) == sorted(["data", *palm_rlhf.training.reward.NOT_FOR_REWARD])
     assert config_readers(inspect.getsource(palm_rlhf.rl.ppo), PPOConfig) == []
     assert config_readers(inspect.getsource(palm_rlhf.rl.grpo), GRPOConfig) == []
-    assert config_readers(inspect.getsource(palm_rlhf.rl.dpo), DPOConfig) == []
-    dpo = inspect.getsource(palm_rlhf.rl.dpo) + helpers
+    assert config_readers(inspect.getsource(palm_rlhf.training.dpo), DPOConfig) == []
+    dpo = inspect.getsource(palm_rlhf.training.dpo) + helpers
     # DPO, like the reward loop, takes its data as an argument (its source also says "..data").
     unread = set(config_readers(dpo, TrainConfig)) - {"data"}
-    assert sorted(unread) == sorted(TRAIN_REWARD.NOT_FOR_REWARD)
+    assert sorted(unread) == sorted(palm_rlhf.training.reward.NOT_FOR_REWARD)

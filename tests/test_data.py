@@ -13,18 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.data import (
+from palm_rlhf.data.corpus import (
     PackedDataset,
-    SFTDataset,
     TokenFile,
     build_token_file,
-    collate_sft,
     is_heldout,
     load_tokens,
     resolve_corpus,
     split_documents,
     stdlib_files,
 )
+from palm_rlhf.data.sft import SFTDataset, collate_sft
 
 TOK = ByteTokenizer()
 BOS, EOS, PAD = TOK.bos_id, TOK.eos_id, TOK.pad_id

@@ -4,9 +4,9 @@ import struct
 
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.cli import main
+from palm_rlhf.data.docstrings import stdlib_docstring_pairs
 from palm_rlhf.demo import SETTINGS, demo_prompts, rule_eval
-from palm_rlhf.docstrings import stdlib_docstring_pairs
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.training.state import TrainingCheckpoints
 
 
 def png_size(path):

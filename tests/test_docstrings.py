@@ -1,6 +1,6 @@
 """Mining (signature + docstring) -> body pairs with ast."""
 
-from palm_rlhf.docstrings import pairs_from_source, stdlib_docstring_pairs
+from palm_rlhf.data.docstrings import pairs_from_source, stdlib_docstring_pairs
 
 SOURCE = '''\
 import os

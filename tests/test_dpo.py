@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
-from palm_rlhf.config import TrainConfig
-from palm_rlhf.data import sft_example
-from palm_rlhf.preferences import PreferenceGroup, load_preferences
-from palm_rlhf.rl.configs import DPOConfig
-from palm_rlhf.rl.dpo import encode_policy_rows, reference_logprobs, response_logprobs, train_dpo
-from palm_rlhf.runs import read_metrics
+from palm_rlhf.data.preferences import PreferenceGroup, load_preferences
+from palm_rlhf.data.sft import sft_example
+from palm_rlhf.training.config import DPOConfig, TrainConfig
+from palm_rlhf.training.dpo import (
+    encode_policy_rows,
+    reference_logprobs,
+    response_logprobs,
+    train_dpo,
+)
+from palm_rlhf.training.runs import read_metrics
 
 TOK = ByteTokenizer()
 
@@ -177,7 +181,9 @@ def test_resume_reproduces_the_uninterrupted_run(init, data, tmp_path):
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000005", target / "step_0000005")
     (target / "latest.json").write_text(json.dumps({"step": 5, "dir": "step_0000005"}))
     resumed = train_dpo(init, data, run, out_dir=tmp_path / "b", resume=True, show_progress=False)
-    assert resumed == straight[5:]
+    # Everything but the wall-clock throughput replays exactly.
+    timeless = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    assert timeless(resumed) == timeless(straight[5:])
     a = PaLM.from_pretrained(tmp_path / "a").state_dict()
     b = PaLM.from_pretrained(tmp_path / "b").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

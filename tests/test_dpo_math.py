@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.rl.dpo_math import (
+from palm_rlhf.losses.dpo import (
     dpo_pair_loss,
     implicit_rewards,
     plackett_luce_loss,

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from palm_rlhf import ByteTokenizer, PaLMConfig
-from palm_rlhf.config import TrainConfig
-from palm_rlhf.preferences import load_preferences
-from palm_rlhf.reward import RewardModel
-from palm_rlhf.runs import read_metrics
-from palm_rlhf.train_lm import train_lm
-from palm_rlhf.train_reward import heldout_accuracy
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.data.preferences import load_preferences
+from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
+from palm_rlhf.training.reward import heldout_accuracy
+from palm_rlhf.training.runs import read_metrics
+from palm_rlhf.training.state import TrainingCheckpoints
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

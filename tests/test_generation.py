@@ -168,7 +168,7 @@ def test_bad_generation_input(kwargs, message):
 
 def test_packed_weight_decoding_equals_plain_decoding():
     from palm_rlhf.generation import can_pack_weights
-    from palm_rlhf.lora import LoRALinear
+    from palm_rlhf.model.lora import LoRALinear
 
     model = tiny_model()
     if not can_pack_weights(model):

@@ -14,11 +14,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig, generate
-from palm_rlhf.config import PPOConfig, TrainConfig
-from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.config import PPOConfig
 from palm_rlhf.rl.ppo import PPOTrainer
-from palm_rlhf.train_lm import train_lm
-from palm_rlhf.train_reward import train_reward
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
+from palm_rlhf.training.reward import train_reward
 
 pytestmark = [
     pytest.mark.gpu,

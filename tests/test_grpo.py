@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_model
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
-from palm_rlhf.prompts import PromptRecord
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.rl.configs import GRPOConfig
+from palm_rlhf.data.prompts import PromptRecord
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.config import GRPOConfig
 from palm_rlhf.rl.grpo import GRPOTrainer
 
 TOK = ByteTokenizer()

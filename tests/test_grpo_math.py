@@ -7,7 +7,7 @@ import torch
 from torch import tensor
 from torch.testing import assert_close
 
-from palm_rlhf.rl.grpo_math import (
+from palm_rlhf.losses.grpo import (
     aggregate_loss,
     clipped_surrogate,
     discounted_returns,

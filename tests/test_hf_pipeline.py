@@ -13,10 +13,10 @@ from hf_models import save_hf_dir, tiny_hf_model, transformers
 
 from palm_rlhf import PaLM
 from palm_rlhf.cli import main
-from palm_rlhf.data import TokenFile
+from palm_rlhf.data.corpus import TokenFile
 from palm_rlhf.hf import HFTokenizer
-from palm_rlhf.reward import RewardModel
-from palm_rlhf.tokenizer import TOKENIZER_FILES
+from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.tokenizers.files import TOKENIZER_FILES
 
 PROMPTS = ["def wrap(text):", "class Shlex:", "import os", "def split(s):", "return"]
 RESPONSES = ["    return text", "    pass", "import sys", "    return s.split()", " None"]
@@ -167,7 +167,7 @@ def test_pretraining_with_a_bpe_saves_it_and_stores_ids_beyond_bytes(tmp_path, e
 def test_a_reward_model_with_another_vocabulary_is_refused(work, tmp_path):
     from palm_rlhf import PaLMConfig
     from palm_rlhf.rl.ppo import PPOTrainer
-    from palm_rlhf.tokenizer import load_tokenizer
+    from palm_rlhf.tokenizers.files import load_tokenizer
 
     if not (work / "base").is_dir():
         assert main(["import-hf", str(work / "hf"), "--out", str(work / "base")]) == 0

@@ -236,9 +236,9 @@ def test_closed_loop_page_and_api_rankings_train_a_reward_model(browser, tmp_pat
     from conftest import tiny_model
 
     from palm_rlhf.cli import main
-    from palm_rlhf.preferences import load_preferences
-    from palm_rlhf.tokenizer import ByteTokenizer
-    from palm_rlhf.train_reward import split_preferences
+    from palm_rlhf.data.preferences import load_preferences
+    from palm_rlhf.tokenizers.base import ByteTokenizer
+    from palm_rlhf.training.reward import split_preferences
 
     rng = random.Random(0)
     tasks = [

@@ -7,11 +7,11 @@ import pytest
 from conftest import tiny_model
 
 from palm_rlhf.cli import main
+from palm_rlhf.data.prompts import read_prompts
 from palm_rlhf.label.log import RankingLog, Submission
 from palm_rlhf.label.session import LabelSession
 from palm_rlhf.label.tasks import load_tasks
-from palm_rlhf.prompts import read_prompts
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.tokenizers.base import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from palm_rlhf.data.preferences import load_preferences
 from palm_rlhf.label.log import (
     RankingLog,
     Submission,
@@ -15,7 +16,6 @@ from palm_rlhf.label.log import (
     retraction_row,
 )
 from palm_rlhf.label.tasks import Task, load_tasks, write_tasks
-from palm_rlhf.preferences import load_preferences
 
 TASKS = [
     Task(f"t{i}", f"prompt {i}\n", [f"a{i}", f"b{i}", f"c{i}"], [True, False, True])

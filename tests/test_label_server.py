@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from palm_rlhf.data.preferences import load_preferences
 from palm_rlhf.label.log import RankingLog, read_log
 from palm_rlhf.label.server import MAX_BODY, LabelServer
 from palm_rlhf.label.session import LabelSession
 from palm_rlhf.label.tasks import Task, write_tasks
-from palm_rlhf.preferences import load_preferences
 
 
 def make_tasks(n, k=3):

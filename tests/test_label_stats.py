@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from palm_rlhf.label.stats import (
+from palm_rlhf.data.rank_stats import (
     borda_ranks,
     kendall_tau_b,
     pairwise_agreement,

@@ -7,7 +7,7 @@ from conftest import tiny_config, tiny_model
 from einops import rearrange
 
 from palm_rlhf import PaLM, lm_loss
-from palm_rlhf.palm import IGNORE_INDEX
+from palm_rlhf.losses.lm import IGNORE_INDEX
 
 CONFIGS = {
     "mqa": {},

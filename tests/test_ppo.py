@@ -5,9 +5,10 @@ import torch
 from conftest import tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.config import PPOConfig
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.rl.ppo import PPOTrainer, accumulation_divisors
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.config import PPOConfig
+from palm_rlhf.rl.ppo import PPOTrainer
+from palm_rlhf.rl.run_state import accumulation_divisors
 
 TOK = ByteTokenizer()
 PROMPTS = [f"p{i}:" for i in range(64)]

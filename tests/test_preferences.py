@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from palm_rlhf import ByteTokenizer
-from palm_rlhf.preferences import (
+from palm_rlhf.data.preferences import (
     PreferenceGroup,
     RatedExample,
     encode_completion,

@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.reward import (
-    RewardConfig,
-    RewardModel,
+from palm_rlhf.losses.preference import (
     pairwise_accuracy,
     pairwise_loss,
-    pool_last,
     ranking_loss,
     rating_loss,
     rating_regression_loss,
 )
+from palm_rlhf.model.reward import RewardConfig, RewardModel, pool_last
 
 CONFIG = PaLMConfig(num_tokens=259, dim=32, depth=2, heads=2, dim_head=16, max_seq_len=128)
 

@@ -8,9 +8,9 @@ import torch
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.arithmetic import addition_problems, write_prompts
 from palm_rlhf.cli import main
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.rl.cli import load_reward_fn, parse_reward_checkpoint
-from palm_rlhf.runs import read_metrics
+from palm_rlhf.cli.rl import load_reward_fn, parse_reward_checkpoint
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.training.runs import read_metrics
 
 TOK = ByteTokenizer()
 TINY = dict(num_tokens=TOK.vocab_size, dim=16, depth=1, heads=2, dim_head=8, max_seq_len=64)

@@ -8,17 +8,14 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.generation import sampling_logprobs
-from palm_rlhf.rl.rl_math import (
+from palm_rlhf.losses.logprobs import entropy_from_logits, logprobs_from_logits
+from palm_rlhf.losses.masked import masked_mean, masked_var, masked_whiten
+from palm_rlhf.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus_loss,
-    entropy_from_logits,
     gae_advantages,
     kl_penalty_rewards,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )

@@ -12,13 +12,15 @@ import torch
 from conftest import tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.config import PPOConfig, TrainConfig
-from palm_rlhf.data import SFTDataset, TokenFile, build_token_file, resolve_corpus
-from palm_rlhf.preferences import PreferenceGroup, encode_groups
-from palm_rlhf.reward import RewardConfig, RewardModel
+from palm_rlhf.data.corpus import TokenFile, build_token_file, resolve_corpus
+from palm_rlhf.data.preferences import PreferenceGroup, encode_groups
+from palm_rlhf.data.sft import SFTDataset
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.rl.config import PPOConfig
 from palm_rlhf.rl.ppo import PPOTrainer
-from palm_rlhf.tokenizer import encode_prompt, pad_sequences
-from palm_rlhf.train_reward import train_reward
+from palm_rlhf.tokenizers.base import encode_prompt, pad_sequences
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.reward import train_reward
 
 TOK = ByteTokenizer()
 
@@ -164,7 +166,8 @@ def test_every_stage_starts_its_sequences_with_bos(tmp_path, monkeypatch):
         assert real[0] == TOK.bos_id and real.count(TOK.bos_id) == 1
 
     # generate (the CLI) hands the model [bos] + prompt.
-    import palm_rlhf.cli as cli
+    import palm_rlhf.cli
+    import palm_rlhf.cli.stages
 
     seen = {}
 
@@ -174,9 +177,9 @@ def test_every_stage_starts_its_sequences_with_bos(tmp_path, monkeypatch):
 
     model = tiny_model(num_tokens=TOK.vocab_size)
     model.save_pretrained(tmp_path / "ckpt")
-    monkeypatch.setattr(cli, "generate", fake_generate)
+    monkeypatch.setattr(palm_rlhf.cli.stages, "generate", fake_generate)
     with pytest.raises(SystemExit):
-        cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def "])
+        palm_rlhf.cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def "])
     assert seen["prompts"] == [[TOK.bos_id, *TOK.encode("def ")]]
 
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palm_rlhf.tokenizer import ByteTokenizer, Tokenizer, pad_sequences
+from palm_rlhf.tokenizers.base import ByteTokenizer, Tokenizer, pad_sequences
 
 tok = ByteTokenizer()
 PAD, BOS, EOS = tok.pad_id, tok.bos_id, tok.eos_id

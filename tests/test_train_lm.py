@@ -10,9 +10,12 @@ import torch
 from conftest import two_process_launch
 
 from palm_rlhf import ByteTokenizer, PaLM
-from palm_rlhf.config import PaLMConfig, TrainConfig
-from palm_rlhf.train_lm import WindowSchedule, lr_at, param_groups, read_metrics, train_lm
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.config import PaLMConfig
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
+from palm_rlhf.training.runs import read_metrics
+from palm_rlhf.training.state import TrainingCheckpoints
+from palm_rlhf.training.step import WindowSchedule, lr_at, param_groups
 
 TOK = ByteTokenizer()
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
@@ -285,7 +288,7 @@ def test_sft_resume_needs_no_repeated_architecture(corpus, tmp_path):
 
 
 def test_overwrite_never_deletes_the_runs_own_input(tmp_path):
-    from palm_rlhf.runs import claim_run_dir
+    from palm_rlhf.training.runs import claim_run_dir
 
     out = tmp_path / "run"
     (out / "policy").mkdir(parents=True)

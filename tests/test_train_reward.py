@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.config import TrainConfig
-from palm_rlhf.reward import RewardConfig, RewardModel
-from palm_rlhf.train_lm import read_metrics
-from palm_rlhf.train_reward import train_reward
-from palm_rlhf.train_state import TrainingCheckpoints
+from palm_rlhf.model.reward import RewardConfig, RewardModel
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.reward import train_reward
+from palm_rlhf.training.runs import read_metrics
+from palm_rlhf.training.state import TrainingCheckpoints
 
 TOK = ByteTokenizer()
 
@@ -157,8 +157,8 @@ def test_bad_preference_data_names_the_line(trunk, tmp_path):
 
 
 def test_normalization_reference_is_an_evenly_spaced_subset(trunk):
-    from palm_rlhf.preferences import PreferenceGroup
-    from palm_rlhf.train_reward import normalization_scores
+    from palm_rlhf.data.preferences import PreferenceGroup
+    from palm_rlhf.training.reward import normalization_scores
 
     model = RewardModel.from_palm_checkpoint(trunk, RewardConfig())
     groups = [PreferenceGroup(f"q{i}:", ["a" * (i % 7), "b" * (i % 5)], [0, 1]) for i in range(40)]
@@ -173,8 +173,8 @@ def test_normalization_reference_is_an_evenly_spaced_subset(trunk):
 def test_heldout_split_covers_ratings_too(tmp_path):
     # Bug caught: every rating record trained, including ratings of prompts whose comparison
     # groups were held out, which leaked held-out prompts into training.
-    from palm_rlhf.preferences import PreferenceData, PreferenceGroup, RatedExample
-    from palm_rlhf.train_reward import split_preferences
+    from palm_rlhf.data.preferences import PreferenceData, PreferenceGroup, RatedExample
+    from palm_rlhf.training.reward import split_preferences
 
     prompts = [f"prompt {i}" for i in range(200)]
     data = PreferenceData(

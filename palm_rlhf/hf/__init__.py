@@ -7,9 +7,9 @@ folded in) back into the directory transformers and vLLM serve. `HFTokenizer` re
 tokenizer files such a checkpoint carries. Other architectures are refused by name.
 """
 
+from ..tokenizers.hf import HFTokenizer, byte_tokenizer_files
 from .config import hf_config_from_palm, palm_config_from_hf
 from .convert import export_hf, import_hf
-from .tokenizer import HFTokenizer, byte_tokenizer_files
 
 __all__ = [
     "HFTokenizer",

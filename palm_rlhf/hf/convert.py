@@ -17,17 +17,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import (
-    WEIGHTS_NAME,
-    TensorPlan,
-    read_json,
-    resolve_run_dir,
-    save_planned_dir,
-)
 from ..config import LoRAConfig, PaLMConfig
-from ..tokenizer import TOKENIZER_FILES, read_tokenizer_files
+from ..storage.atomic import read_json
+from ..storage.checkpoint import WEIGHTS_NAME, resolve_run_dir, save_planned_dir
+from ..storage.safetensors import TensorPlan
+from ..tokenizers.files import TOKENIZER_FILES, read_tokenizer_files
+from ..tokenizers.hf import HFTokenizer, byte_tokenizer_files
 from .config import hf_config_from_palm, palm_config_from_hf
-from .tokenizer import HFTokenizer, byte_tokenizer_files
 from .weights import INDEX_NAME, SafetensorsDir, hf_plans, palm_plans
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

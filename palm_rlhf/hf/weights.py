@@ -24,8 +24,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ..checkpoint import SAFETENSORS_DTYPES, WEIGHTS_NAME, TensorPlan, cast, read_json
 from ..config import LoRAConfig, PaLMConfig
+from ..storage.atomic import read_json
+from ..storage.checkpoint import WEIGHTS_NAME
+from ..storage.safetensors import SAFETENSORS_DTYPES, TensorPlan, cast
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}

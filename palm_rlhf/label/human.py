@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..palm import PaLM
-from ..preferences import PreferenceGroup, describe_skipped, load_preferences
-from ..prompts import PromptRecord
-from ..tokenizer import Tokenizer
+from ..data.preferences import PreferenceGroup, describe_skipped, load_preferences
+from ..data.prompts import PromptRecord
+from ..model.palm import PaLM
+from ..tokenizers.base import Tokenizer
 from .log import RankingLog
 from .server import serve_until_done
 from .session import LabelSession

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import _parse_jsonl
-from ..preferences import drop_retracted, parse_ranking
+from ..data.preferences import drop_retracted, parse_ranking
+from ..storage.text_files import parse_jsonl
 from .tasks import Task
 
 
@@ -111,7 +111,7 @@ def _same_content(row: dict[str, Any], other: dict[str, Any]) -> bool:
 
 
 def _log_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, row in _parse_jsonl(path, text):
+    for lineno, row in parse_jsonl(path, text):
         if not isinstance(row.get("submission_id"), str):
             raise ValueError(
                 f"{path}:{lineno}: not a row of a rankings log (no 'submission_id'); give "

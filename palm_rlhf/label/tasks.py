@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_bytes_atomic
-from ..data import _decode_utf8, _parse_jsonl, _read_bytes, _string_field
-from ..labeler import sample_completions
-from ..palm import PaLM
-from ..prompts import PromptRecord
-from ..tokenizer import Tokenizer
+from ..data.prompts import PromptRecord
+from ..model.palm import PaLM
+from ..storage.atomic import write_bytes_atomic
+from ..storage.text_files import decode_utf8, parse_jsonl, read_bytes, string_field
+from ..tokenizers.base import Tokenizer
+from .simulated import sample_completions
 
 MAX_RESPONSES = 9  # the page ranks by number keys 1-9
 
@@ -135,16 +135,16 @@ def append_tasks(tasks: Sequence[Task], path: str | Path) -> None:
 def load_tasks(path: str | Path) -> list[Task]:
     """Read tasks JSONL; every error names file:line. Task ids must be unique."""
     path = Path(path)
-    text = _decode_utf8(path, _read_bytes(path))
+    text = decode_utf8(path, read_bytes(path))
     tasks: list[Task] = []
     seen: dict[str, int] = {}
-    for lineno, obj in _parse_jsonl(path, text):
+    for lineno, obj in parse_jsonl(path, text):
         where = f"{path}:{lineno}"
-        task_id = _string_field(path, lineno, obj, "task_id")
+        task_id = string_field(path, lineno, obj, "task_id")
         if task_id in seen:
             raise ValueError(f"{where}: task_id {task_id!r} repeats line {seen[task_id]}")
         seen[task_id] = lineno
-        prompt = _string_field(path, lineno, obj, "prompt")
+        prompt = string_field(path, lineno, obj, "prompt")
         responses = obj.get("responses")
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
             raise ValueError(f"{where}: field 'responses' must be a list of strings")

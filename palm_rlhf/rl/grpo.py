@@ -38,14 +38,8 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from ..config import LoRAConfig
-from ..palm import PaLM
-from ..prompts import PromptRecord
-from ..reward import RewardModel
-from ..runs import append_jsonl, claim_run_dir, truncate_metrics
-from ..tokenizer import Tokenizer
-from ..train_lm import WindowSchedule
-from .configs import GRPOConfig
-from .grpo_math import (
+from ..data.prompts import PromptRecord
+from ..losses.grpo import (
     aggregate_loss,
     clipped_surrogate,
     discounted_returns,
@@ -57,7 +51,14 @@ from .grpo_math import (
     sequence_log_ratio,
     whiten_with,
 )
-from .rl_math import masked_mean
+from ..losses.masked import masked_mean
+from ..model.lora import fold_policy_adapter
+from ..model.palm import PaLM
+from ..model.reward import RewardModel
+from ..tokenizers.base import Tokenizer
+from ..training.runs import append_jsonl, claim_run_dir, truncate_metrics
+from ..training.step import WindowSchedule
+from .config import GRPOConfig
 from .rollout import (
     RewardFn,
     RewardSources,
@@ -66,7 +67,6 @@ from .rollout import (
     Trajectory,
     as_records,
     concat_samples,
-    fold_policy_adapter,
     select_groups,
 )
 from .run_state import (

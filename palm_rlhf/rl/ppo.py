@@ -39,33 +39,26 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ..config import LoRAConfig, PPOConfig
-from ..lora import lora_parameters, merge_lora, remove_lora
-from ..palm import PaLM
-from ..prompts import PromptRecord
-from ..reward import RewardModel
-from ..runs import append_jsonl, claim_run_dir, truncate_metrics
-from ..tokenizer import Tokenizer
-from ..train_lm import WindowSchedule
-from .rl_math import (
+from ..config import LoRAConfig
+from ..data.prompts import PromptRecord
+from ..losses.masked import masked_mean, masked_whiten
+from ..losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus_loss,
     gae_advantages,
     kl_penalty_rewards,
-    masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
-from .rollout import (
-    RewardFn,
-    RewardSources,
-    RolloutEngine,
-    as_records,
-    fold_policy_adapter,
-    response_logits,
-)
+from ..model.lora import fold_policy_adapter, lora_parameters, merge_lora, remove_lora
+from ..model.palm import PaLM
+from ..model.reward import RewardModel
+from ..tokenizers.base import Tokenizer
+from ..training.runs import append_jsonl, claim_run_dir, truncate_metrics
+from ..training.step import WindowSchedule
+from .config import PPOConfig
+from .rollout import RewardFn, RewardSources, RolloutEngine, as_records, response_logits
 from .run_state import (
     accumulation_divisors,
     average_gradients,

@@ -28,14 +28,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..data.preferences import encode_reward_rows
+from ..data.prompts import PromptRecord
 from ..generation import generate
-from ..lora import merge_lora
-from ..palm import PaLM
-from ..preferences import encode_reward_rows
-from ..prompts import PromptRecord
-from ..reward import RewardModel
-from ..tokenizer import Tokenizer, encode_prompt, stop_ids
-from .rl_math import entropy_from_logits, logprobs_from_logits
+from ..losses.logprobs import entropy_from_logits, logprobs_from_logits
+from ..model.palm import PaLM
+from ..model.reward import RewardModel
+from ..tokenizers.base import Tokenizer, encode_prompt, stop_ids
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -102,23 +101,6 @@ class Trajectory(NamedTuple):
 def response_logits(logits: Tensor, prompt_len: int) -> Tensor:
     """Logits (b, p + n, v) -> (b, n, v): the ones that predicted each response token."""
     return logits[:, prompt_len - 1 : -1]
-
-
-def fold_policy_adapter(policy: PaLM) -> str | None:
-    """Merge the one adapter scope a starting policy carries (a DPO run's "dpo", a GRPO run's
-    "actor") into its base weights and return its name. A forward applies one scope at a time,
-    so an unmerged adapter would silently not apply: RL would start from, and measure its KL
-    against, the bare base instead of the policy the checkpoint holds. Several scopes are
-    ambiguous (each is an alternative, not a sum) and refused."""
-    scopes = sorted(policy.lora_configs)
-    if len(scopes) > 1:
-        raise ValueError(
-            f"the policy carries several adapter scopes {scopes}; merge the one to start from "
-            "(palm_rlhf.merge_lora) and remove the others"
-        )
-    if scopes:
-        merge_lora(policy, scopes[0])
-    return scopes[0] if scopes else None
 
 
 def as_records(prompts: Sequence[str | PromptRecord]) -> list[PromptRecord]:
@@ -342,9 +324,6 @@ class RolloutEngine:
                     response_logits(logits, p), seq[chunk, p:], self.temperature
                 )
         return Trajectory(samples, old, ref)
-
-
-# ------------------------------------------------------------------------------- batches
 
 
 def _pad_to(x: Tensor, width: int, fill: int | bool, left: bool) -> Tensor:

@@ -23,17 +23,12 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import (
-    WEIGHTS_NAME,
-    flatten_state,
-    load_safetensors,
-    read_json,
-    save_model_dir,
-    unflatten_state,
-)
 from ..progress import progress_kwargs
-from ..runs import rank0_decides
-from ..train_state import gather_rng_states, restore_rng_states
+from ..storage.atomic import read_json
+from ..storage.checkpoint import WEIGHTS_NAME, save_model_dir
+from ..storage.safetensors import flatten_state, load_safetensors, unflatten_state
+from ..training.runs import rank0_decides
+from ..training.state import gather_rng_states, restore_rng_states
 
 
 def mean_over_processes(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-import palm_rlhf.checkpoint as checkpoint_module
+import palm_rlhf.storage.checkpoint as checkpoint_module
 from palm_rlhf import ByteTokenizer
-from palm_rlhf.config import PaLMConfig, TrainConfig
-from palm_rlhf.train_lm import train_lm
+from palm_rlhf.config import PaLMConfig
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.lm import train_lm
 
 
 def main() -> None:

@@ -23,14 +23,14 @@ import torch
 from accelerate import Accelerator
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
-from palm_rlhf.config import PPOConfig, TrainConfig
-from palm_rlhf.reward import RewardConfig
-from palm_rlhf.rl.configs import GRPOConfig
-from palm_rlhf.rl.dpo import train_dpo
+from palm_rlhf.model.reward import RewardConfig
+from palm_rlhf.rl.config import GRPOConfig, PPOConfig
 from palm_rlhf.rl.grpo import GRPOTrainer
 from palm_rlhf.rl.ppo import PPOTrainer
-from palm_rlhf.train_lm import train_lm
-from palm_rlhf.train_reward import train_reward
+from palm_rlhf.training.config import TrainConfig
+from palm_rlhf.training.dpo import train_dpo
+from palm_rlhf.training.lm import train_lm
+from palm_rlhf.training.reward import train_reward
 
 TOK = ByteTokenizer()
 SMALL = dict(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)

@@ -1,0 +1,147 @@
+"""Scoped LoRA adapters (Hu et al. 2021).
+
+Every projection in the model is a `LoRALinear`: a bias-free linear layer that can hold any
+number of named adapters ("scopes", e.g. "actor" and "critic"). A forward pass names at most one
+scope; with none, the layer is exactly the frozen base. That is how PPO gets its reference
+policy for free: the same weights with adapters off, no copy (RLHF checklist item 9).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import LoRAConfig
+
+
+class LoRAAdapter(nn.Module):
+    """delta(x) = (alpha / rank) * up(down(x)); `up` starts at zero so a new adapter is a no-op."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(config.rank, in_features))
+        self.up = nn.Parameter(torch.zeros(out_features, config.rank))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.scaling = config.alpha / config.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.down), self.up) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        return (self.up @ self.down) * self.scaling
+
+
+class LoRALinear(nn.Linear):
+    """A bias-free linear layer with optional named adapters, chosen per call.
+
+    `packed` optionally holds an MKL-packed copy of the weight, with one scope's adapter folded
+    in, for inference on CPU (see `palm_rlhf.generation.packed_weights`); it is only read when
+    autograd is off and the call asks for that scope, and its product equals the unpacked
+    path's up to float rounding.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.adapters = nn.ModuleDict()
+        self.packed: tuple[Tensor, int, Tensor, str | None] | None = None
+
+    def forward(self, x: Tensor, scope: str | None = None) -> Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            packed_weight, rows, weight, packed_scope = self.packed
+            if scope == packed_scope:  # the scope's adapter is already folded into the copy
+                return torch.ops.mkl._mkl_linear(x, packed_weight, weight, None, rows)
+        out = F.linear(x, self.weight)
+        if scope is not None and scope in self.adapters:
+            out = out + self.adapters[scope](x)
+        return out
+
+
+def _registry(model: nn.Module) -> dict[str, LoRAConfig]:
+    if not hasattr(model, "lora_configs"):
+        model.lora_configs = {}
+    return model.lora_configs
+
+
+def add_lora(
+    model: nn.Module, scope: str, config: LoRAConfig | None = None, freeze_base: bool = True
+) -> list[nn.Parameter]:
+    """Add a named adapter scope to every targeted projection and return its parameters.
+
+    With freeze_base (the default) every parameter that is not an adapter stops requiring
+    gradients, so an optimizer built from `lora_parameters(model, scope)` trains only it.
+    """
+    config = config or LoRAConfig()
+    if not scope.isidentifier():
+        raise ValueError(f"LoRA scope name must be an identifier, got {scope!r}")
+    registry = _registry(model)
+    if scope in registry:
+        raise ValueError(f"LoRA scope {scope!r} already exists")
+    targeted = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALinear) and name.rsplit(".", 1)[-1] in config.targets
+    ]
+    if not targeted:
+        raise ValueError(f"no projection named {config.targets} found for LoRA scope {scope!r}")
+    for module in targeted:
+        adapter = LoRAAdapter(module.in_features, module.out_features, config)
+        module.adapters[scope] = adapter.to(module.weight.device, module.weight.dtype)
+    registry[scope] = config
+    if freeze_base:
+        for name, param in model.named_parameters():
+            if ".adapters." not in name:
+                param.requires_grad_(False)
+    return lora_parameters(model, scope)
+
+
+def check_scope(model: nn.Module, scope: str | None) -> None:
+    if scope is not None and scope not in _registry(model):
+        known = sorted(_registry(model))
+        raise ValueError(f"unknown LoRA scope {scope!r}; this model has {known or 'none'}")
+
+
+def lora_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
+    check_scope(model, scope)
+    return [p for name, p in model.named_parameters() if f".adapters.{scope}." in name]
+
+
+def merge_lora(model: nn.Module, scope: str) -> None:
+    """Fold a scope into the base weights (W += alpha/r * B A) and remove it.
+
+    Afterwards the plain model (no scope) computes what the model with the scope did.
+    """
+    check_scope(model, scope)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear) and scope in module.adapters:
+                module.weight += module.adapters[scope].delta_weight().to(module.weight.dtype)
+                del module.adapters[scope]
+    del _registry(model)[scope]
+
+
+def remove_lora(model: nn.Module, scope: str) -> None:
+    check_scope(model, scope)
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and scope in module.adapters:
+            del module.adapters[scope]
+    del _registry(model)[scope]
+
+
+def fold_policy_adapter(policy: nn.Module) -> str | None:
+    """Merge the one adapter scope a starting policy carries (a DPO run's "dpo", a GRPO run's
+    "actor") into its base weights and return its name. A forward applies one scope at a time,
+    so an unmerged adapter would silently not apply: RL would start from, and measure its KL
+    against, the bare base instead of the policy the checkpoint holds. Several scopes are
+    ambiguous (each is an alternative, not a sum) and refused."""
+    scopes = sorted(policy.lora_configs)
+    if len(scopes) > 1:
+        raise ValueError(
+            f"the policy carries several adapter scopes {scopes}; merge the one to start from "
+            "(palm_rlhf.merge_lora) and remove the others"
+        )
+    if scopes:
+        merge_lora(policy, scopes[0])
+    return scopes[0] if scopes else None

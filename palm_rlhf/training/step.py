@@ -1,0 +1,216 @@
+"""The mechanics every supervised loop (LM/SFT, reward model, DPO) shares: the optimizer
+(AdamW, no decay on norms), the learning rate as a pure function of the step (warmup then
+cosine), which examples a step reads as a pure function of (seed, step) (the reason resume
+replays a run bit for bit), and the pieces of a step: its micro-batches (indexing, no_sync,
+autocast), clipping and the optimizer step, the rank-0 stop decision, when to log, evaluate and
+save, and the metric window every loop logs (loss, lr, grad_norm, tokens_per_s). Each loop
+keeps its own numbered steps and calls these; nothing here calls back into a loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..progress import progress_kwargs
+from .config import TrainConfig
+from .runs import append_jsonl, rank0_decides
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, scalars and the (tied) embedding are left undecayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.ndim >= 2 and "token_emb" not in name
+        (decay if is_matrix else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
+    # The fused kernel does one pass per tensor instead of a dozen; fall back where unsupported.
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+
+
+class WindowSchedule:
+    """Sample order over `num_items` items: a fresh seeded permutation for every epoch.
+
+    Global sample position p (counting over steps, micro-batches, processes and rows) maps to
+    item perm_{p // n}[p % n], so any process can find its batch for any step without state.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed = num_items, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.num_items, generator=generator)}
+        return self._perms[epoch]
+
+    def items(self, start: int, count: int) -> list[int]:
+        return [
+            int(self._perm(p // self.num_items)[p % self.num_items])
+            for p in range(start, start + count)
+        ]
+
+
+def make_loop_accelerator(
+    config: TrainConfig, log_with: str | list[str] | None, out_dir: str | Path
+) -> Accelerator:
+    """The accelerator a loop builds when the caller passes none."""
+    return Accelerator(
+        mixed_precision=config.mixed_precision, log_with=log_with, project_dir=str(out_dir)
+    )
+
+
+def progress_bar(config: TrainConfig, start_step: int, desc: str, show: bool) -> tqdm:
+    """A bar over the run's steps, on the main process only."""
+    return tqdm(total=config.steps, initial=start_step, desc=desc, **progress_kwargs(show))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    """The step's learning rate, a function of the step alone: resume needs no scheduler."""
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def micro_batches(
+    step: int, config: TrainConfig, accelerator: Accelerator, model: nn.Module
+) -> Iterator[tuple[int, AbstractContextManager]]:
+    """(first, context) for each of the step's grad_accum micro-batches on this process.
+
+    `first` is the global sample position of the micro-batch's first row: rows first ..
+    first + batch_size - 1 of the loop's `WindowSchedule`, laid out step-major, then by
+    micro-batch, then by process, so any process finds its rows for any step without state.
+    Run the forward under `context`: autocast, and DDP's no_sync on all but the last micro-batch
+    (the flag is read at forward time, so the backward after it need not be inside).
+    """
+    world, rows = accelerator.num_processes, config.batch_size
+    for micro in range(config.grad_accum):
+        first = ((step * config.grad_accum + micro) * world + accelerator.process_index) * rows
+        last = micro == config.grad_accum - 1
+        yield first, _forward_context(accelerator, model, sync=last)
+
+
+@contextmanager
+def _forward_context(accelerator: Accelerator, model: nn.Module, sync: bool) -> Iterator[None]:
+    with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+        yield
+
+
+def clip_and_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    accelerator: Accelerator,
+) -> float:
+    """Clip to config.grad_clip (0: no clipping), step, zero the gradients; return the gradient
+    norm before clipping. With no clipping the bound is infinite: the norm is measured and the
+    gradients are multiplied by exactly 1."""
+    bound = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), bound))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def out_of_time(began: float, config: TrainConfig, accelerator: Accelerator) -> bool:
+    """Past config.time_limit_s (0: never)? Rank 0's clock decides for everyone: ranks that
+    disagreed would hang in the next collective. A collective when a limit is set."""
+    if not config.time_limit_s:
+        return False
+    return rank0_decides(time.perf_counter() - began > config.time_limit_s, accelerator)
+
+
+def due(step: int, every: int, final: bool) -> bool:
+    """Whether something done every `every` steps (0: only at the end) happens after `step`."""
+    return final or (every > 0 and step % every == 0)
+
+
+class MetricWindow:
+    """What the loops log: the mean loss over the micro-batches since the last log line, the
+    tokens per second over that time, and any sums a loop adds (correct pairs, ...), all
+    summed over processes when the window closes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, loss: Tensor, tokens: int, **sums: Tensor | float) -> None:
+        for key, value in {"loss": loss, **sums, "micro_batches": 1}.items():
+            value = torch.as_tensor(value, device=self.device).detach().float()
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.tokens += tokens
+
+    def close(
+        self, step: int, lr: float, grad_norm: float, accelerator: Accelerator
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """(record, totals): the core record (step, loss, lr, grad_norm, tokens_per_s) and the
+        window's sums over processes (with its micro-batch count); then start a new window.
+        A collective: call on every rank."""
+        # Tokens and elapsed time travel with the sums, so every rank logs the same rate:
+        # all processes' tokens over their mean wall time.
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        sums = {**self.sums, "tokens": self.tokens, "elapsed_s": elapsed}
+        keys = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys])
+        totals = dict(zip(keys, accelerator.reduce(values, "sum").tolist(), strict=True))
+        mean_elapsed = totals.pop("elapsed_s") / accelerator.num_processes
+        record = {
+            "step": step,
+            "loss": totals["loss"] / totals["micro_batches"],
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(totals.pop("tokens") / mean_elapsed, 1),
+        }
+        self.reset()
+        return record, totals
+
+
+def write_record(
+    record: dict[str, Any], metrics_path: Path, accelerator: Accelerator, bar: tqdm, shown: str
+) -> None:
+    """Append the record to metrics.jsonl (main process), send it to the trackers and show the
+    loss (and `shown`, when the record has it) on the bar."""
+    extra = {shown: f"{record[shown]:.3g}"} if shown in record else {}
+    bar.set_postfix(loss=f"{record['loss']:.3f}", **extra)
+    if accelerator.is_main_process:
+        append_jsonl(metrics_path, record)
+    accelerator.log(record, step=record["step"])
