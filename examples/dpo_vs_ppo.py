@@ -53,7 +53,7 @@ def main() -> None:
     }
     for loss_type in args.loss_type or ["sigmoid", "plackett_luce"]:
         began = time.perf_counter()
-        config = TrainConfig(data=str(rankings), seq_len=192, batch_size=8, steps=args.steps,
+        config = TrainConfig(seq_len=192, batch_size=8, steps=args.steps,
                              lr=args.lr, warmup_steps=10, eval_every=args.steps, log_every=10,
                              checkpoint_every=args.steps, weight_decay=0.0, seed=seed)  # fmt: skip
         history = train_dpo(sft_dir, rankings, config, DPOConfig(loss_type=loss_type,

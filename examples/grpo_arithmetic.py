@@ -81,10 +81,10 @@ def main() -> None:
     data = write_sft_pairs(args.out / "sft.jsonl", train, args.error_rate, seed=args.seed)
     model_config = PaLMConfig(num_tokens=tok.vocab_size, dim=args.dim, depth=2, heads=4,
                               dim_head=args.dim // 4, max_seq_len=32)  # fmt: skip
-    sft = TrainConfig(data=str(data), seq_len=24, batch_size=64, steps=args.sft_steps, lr=3e-3,
+    sft = TrainConfig(seq_len=24, batch_size=64, steps=args.sft_steps, lr=3e-3,
                       warmup_steps=20, weight_decay=0.0, eval_every=0, sample_every=0,
                       checkpoint_every=args.sft_steps, log_every=100, seed=args.seed)  # fmt: skip
-    train_lm(model_config, sft, args.out / "sft", sft=True, overwrite=True)
+    train_lm(model_config, sft, args.out / "sft", sft=True, overwrite=True, data=str(data))
     sft_seconds = time.perf_counter() - began
     policy = PaLM.from_pretrained(args.out / "sft").eval()
     # step 3. GRPO against the verifier

@@ -26,7 +26,6 @@ def main() -> None:
     tokenizer = ByteTokenizer()
     model_config = preset_config("tiny", tokenizer.vocab_size)
     config = TrainConfig(
-        data="stdlib",
         seq_len=256,
         batch_size=16,
         steps=args.steps,
@@ -38,7 +37,7 @@ def main() -> None:
         checkpoint_every=200,
         time_limit_s=args.minutes * 60,
     )
-    history = train_lm(model_config, config, args.out, resume=args.resume)
+    history = train_lm(model_config, config, args.out, resume=args.resume, data="stdlib")
     print("final held-out bits per byte:", history[-1].get("eval_bpb"))
 
     model = PaLM.from_pretrained(TrainingCheckpoints(args.out / "checkpoints").latest())

@@ -61,7 +61,6 @@ def shuffled_ranks(groups: list[PreferenceGroup], seed: int) -> list[PreferenceG
 
 def fit_and_score(args, init: Path, data: Path, heldout: list, out: Path) -> dict:
     config = TrainConfig(
-        data=str(data),
         seq_len=args.seq_len,
         batch_size=8,
         steps=args.steps,

@@ -14,7 +14,7 @@ from .model.reward import RewardConfig, RewardModel
 from .rl.config import GRPOConfig, PPOConfig
 from .rl.grpo import GRPOTrainer
 from .rl.ppo import PPOTrainer
-from .tokenizers.base import ByteTokenizer, Tokenizer, pad_sequences
+from .tokenizers.base import ByteTokenizer, Tokenizer, encode_prompt, pad_sequences
 from .training.config import DPOConfig, TrainConfig
 from .training.dpo import train_dpo
 from .training.lm import train_lm
@@ -38,6 +38,7 @@ __all__ = [
     "Tokenizer",
     "TrainConfig",
     "add_lora",
+    "encode_prompt",
     "export_hf",
     "generate",
     "import_hf",

@@ -179,7 +179,6 @@ def run_demo(
     history = train_lm(
         model_config,
         TrainConfig(
-            data="stdlib",
             seq_len=256,
             batch_size=16,
             steps=settings.pretrain_steps,
@@ -195,6 +194,7 @@ def run_demo(
         ),
         out / "pretrain",
         show_progress=show_progress,
+        data="stdlib",
     )
     base_dir = TrainingCheckpoints(out / "pretrain" / "checkpoints").latest()
     timings["pretrain_s"] = time.perf_counter() - began
@@ -211,7 +211,6 @@ def run_demo(
     train_lm(
         None,
         TrainConfig(
-            data=str(sft_data),
             seq_len=256,
             batch_size=16,
             steps=settings.sft_steps,
@@ -228,6 +227,7 @@ def run_demo(
         init_checkpoint=base_dir,
         sft=True,
         show_progress=show_progress,
+        data=str(sft_data),
     )
     sft_dir = TrainingCheckpoints(out / "sft" / "checkpoints").latest()
     timings["sft_s"] = time.perf_counter() - began - sum(timings.values())
@@ -260,7 +260,6 @@ def run_demo(
         sft_dir,  # from the SFT model, as in InstructGPT
         out / "rankings.jsonl",
         TrainConfig(
-            data=str(out / "rankings.jsonl"),
             seq_len=seq_len,
             batch_size=8,
             steps=settings.reward_steps,

@@ -32,6 +32,7 @@ import palm_rlhf.hf.convert
 import palm_rlhf.label.server
 import palm_rlhf.model.reward
 import palm_rlhf.rl.grpo
+import palm_rlhf.rl.online
 import palm_rlhf.rl.ppo
 import palm_rlhf.training.dpo
 import palm_rlhf.training.lm
@@ -375,10 +376,11 @@ def test_every_config_field_a_loop_receives_is_read_by_it():
     assert config_readers(lm, TrainConfig) == []
     reward = inspect.getsource(palm_rlhf.training.reward) + helpers
     unread = config_readers(reward, TrainConfig)
-    # The reward loop reads `data` as its own argument; the rest it does not use are refused.
-    assert sorted(unread) == sorted(["data", *palm_rlhf.training.reward.NOT_FOR_REWARD])
-    assert config_readers(inspect.getsource(palm_rlhf.rl.ppo), PPOConfig) == []
-    assert config_readers(inspect.getsource(palm_rlhf.rl.grpo), GRPOConfig) == []
+    # The fields the reward loop does not use are refused (`NOT_FOR_REWARD`), never ignored.
+    assert sorted(unread) == sorted(palm_rlhf.training.reward.NOT_FOR_REWARD)
+    online = inspect.getsource(palm_rlhf.rl.online)  # the engine's sampling fields
+    assert config_readers(inspect.getsource(palm_rlhf.rl.ppo) + online, PPOConfig) == []
+    assert config_readers(inspect.getsource(palm_rlhf.rl.grpo) + online, GRPOConfig) == []
     assert config_readers(inspect.getsource(palm_rlhf.training.dpo), DPOConfig) == []
     dpo = inspect.getsource(palm_rlhf.training.dpo) + helpers
     # DPO, like the reward loop, takes its data as an argument (its source also says "..data").

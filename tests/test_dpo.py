@@ -58,7 +58,6 @@ def data(tmp_path_factory):
 
 def config(data, **overrides) -> TrainConfig:
     values = dict(
-        data=str(data),
         seq_len=24,
         batch_size=4,
         steps=40,
@@ -107,7 +106,8 @@ def test_dpo_learns_the_ranking_and_starts_at_log_2(init, data, tmp_path):
     assert final["eval_reward_accuracy"] > 0.8, final
     assert final["loss"] < math.log(2) - 0.2
     assert final["chosen_reward"] > final["rejected_reward"]
-    for key in ("reward_margin", "chosen_logp", "rejected_logp", "lr", "eval_reward_margin"):
+    core = ("step", "loss", "lr", "grad_norm", "tokens_per_s")  # every supervised loop's record
+    for key in (*core, "reward_margin", "chosen_logp", "rejected_logp", "eval_reward_margin"):
         assert math.isfinite(final[key]), key
     # The run directory is a policy checkpoint with its "dpo" adapter.
     policy = PaLM.from_pretrained(tmp_path / "dpo")
@@ -182,7 +182,9 @@ def test_resume_reproduces_the_uninterrupted_run(init, data, tmp_path):
     (target / "latest.json").write_text(json.dumps({"step": 5, "dir": "step_0000005"}))
     resumed = train_dpo(init, data, run, out_dir=tmp_path / "b", resume=True, show_progress=False)
     # Everything but the wall-clock throughput replays exactly.
-    timeless = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    timeless = lambda records: [
+        {k: v for k, v in r.items() if k != "tokens_per_s"} for r in records
+    ]
     assert timeless(resumed) == timeless(straight[5:])
     a = PaLM.from_pretrained(tmp_path / "a").state_dict()
     b = PaLM.from_pretrained(tmp_path / "b").state_dict()

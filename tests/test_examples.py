@@ -34,10 +34,10 @@ def micro_lm(tmp_path_factory):
         max_seq_len=256,
     )  # fmt: skip
     train = TrainConfig(
-        data="stdlib", seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5,
+        seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5,
         eval_every=0, sample_every=0, checkpoint_every=0, log_every=20,
     )  # fmt: skip
-    train_lm(config, train, out, show_progress=False)
+    train_lm(config, train, out, show_progress=False, data="stdlib")
     return TrainingCheckpoints(out / "checkpoints").latest()
 
 

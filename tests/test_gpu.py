@@ -51,13 +51,12 @@ def corpus(tmp_path):
 
 def test_one_pretrain_step_in_bf16_saves_the_cuda_rng(tmp_path, bf16_accelerator):
     config = TrainConfig(
-        data=str(corpus(tmp_path)), seq_len=32, batch_size=4, steps=1, warmup_steps=1,
+        seq_len=32, batch_size=4, steps=1, warmup_steps=1,
         eval_every=1, eval_batches=1, sample_every=0, log_every=1, mixed_precision="bf16",
     )  # fmt: skip
     history = train_lm(
         PaLMConfig(**SMALL), config, tmp_path / "lm", accelerator=bf16_accelerator,
-        show_progress=False,
-    )  # fmt: skip
+        show_progress=False, data=str(corpus(tmp_path)))  # fmt: skip
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
     state = (tmp_path / "lm" / "checkpoints" / "step_0000001" / "train_state.json").read_text()
     assert '"cuda_rng"' in state  # exact resume on a GPU needs the device's RNG (item 9)
@@ -76,7 +75,7 @@ def test_one_reward_step_in_bf16(tmp_path, bf16_accelerator):
         )
     )
     config = TrainConfig(
-        data=str(data), seq_len=32, batch_size=2, steps=1, warmup_steps=1, log_every=1,
+        seq_len=32, batch_size=2, steps=1, warmup_steps=1, log_every=1,
         eval_every=1, mixed_precision="bf16",
     )  # fmt: skip
     history = train_reward(
@@ -133,11 +132,13 @@ def test_lm_resume_on_cuda_restores_the_cuda_rng(tmp_path):
     import shutil
 
     config = TrainConfig(
-        data=str(corpus(tmp_path)), seq_len=32, batch_size=4, steps=4, warmup_steps=1,
+        seq_len=32, batch_size=4, steps=4, warmup_steps=1,
         eval_every=0, sample_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5,
     )  # fmt: skip
     model_config = PaLMConfig(**SMALL, dropout=0.3)
-    full = train_lm(model_config, config, tmp_path / "full", show_progress=False)
+    full = train_lm(
+        model_config, config, tmp_path / "full", show_progress=False, data=str(corpus(tmp_path))
+    )
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(
@@ -145,7 +146,14 @@ def test_lm_resume_on_cuda_restores_the_cuda_rng(tmp_path):
     )
     (resumed_dir / "latest.json").write_text(json.dumps({"step": 2, "dir": "step_0000002"}))
     torch.cuda.manual_seed_all(12345)  # scramble: the resume must restore, not rely on luck
-    resumed = train_lm(model_config, config, tmp_path / "resumed", resume=True, show_progress=False)
+    resumed = train_lm(
+        model_config,
+        config,
+        tmp_path / "resumed",
+        resume=True,
+        show_progress=False,
+        data=str(corpus(tmp_path)),
+    )
     tail = [h["loss"] for h in full if h["step"] > 2]
     assert [h["loss"] for h in resumed] == pytest.approx(tail, rel=1e-6)
 

@@ -265,7 +265,7 @@ def test_resume_continues_the_same_run(tmp_path):
     got = resumed.train(2)
     assert got == expected
     for a, b in zip(
-        straight._trainable_state().values(), resumed._trainable_state().values(), strict=True
+        straight.trainable_state().values(), resumed.trainable_state().values(), strict=True
     ):
         assert torch.equal(a, b)
     # The metrics file holds each iteration once.

@@ -118,7 +118,7 @@ def test_no_eos_penalty_replaces_the_score():
     # In a real rollout the score sits at the last real response token and nothing after it
     # gets an advantage (checklist 7, 8).
     rollout, _, _ = trainer.rollout(PROMPTS[:16])
-    assert (rollout.advantages[~rollout.response_mask] == 0).all()
+    assert (rollout.advantages[~rollout.samples.response_mask] == 0).all()
 
 
 def test_critic_starts_from_the_reward_model():
@@ -156,7 +156,9 @@ def test_critic_starts_from_the_reward_model():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="exactly one of reward_model or reward_fn"):
+    with pytest.raises(
+        ValueError, match="give a reward model, at least one reward function, or both"
+    ):
         PPOTrainer(policy_model(), TOK, PROMPTS, config=config())
     with pytest.raises(ValueError, match="prompts is empty"):
         PPOTrainer(policy_model(), TOK, [], reward_fn=even_bytes, config=config())
@@ -260,3 +262,42 @@ def test_a_bf16_policy_trains_with_a_reward_function():
     )
     metrics = trainer.train(1)[0]
     assert math.isfinite(metrics["value_loss"]) and math.isfinite(metrics["policy_loss"])
+
+
+def test_reward_model_and_weighted_functions_sum_into_the_score(tmp_path):
+    """PPO takes reward sources the way GRPO does: the score is w_rm * the reward model's
+    normalised score + sum of w_i * fn_i, each source also logged on its own in reward_parts.
+    A resume with other weights is refused (it would not continue the same objective)."""
+    torch.manual_seed(1)
+    trunk = PaLM(
+        PaLMConfig(num_tokens=TOK.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    )
+    reward_model = RewardModel(trunk, RewardConfig())
+
+    def length(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    def build(weight: float) -> PPOTrainer:
+        return PPOTrainer(
+            policy_model(),
+            TOK,
+            PROMPTS,
+            reward_model=reward_model,
+            reward_fn=even_bytes,
+            reward_fns=[("length", length, weight)],
+            reward_model_weight=0.5,
+            config=config(),  # no eos penalty, no clipping: the score is the weighted sum
+            show_progress=False,
+        )
+
+    trainer = build(-0.25)
+    assert trainer.engine.rewards.names == ["reward_model", "reward_fn", "length"]
+    samples = trainer.engine.sample(trainer.prompts[:8])
+    parts = samples.reward_parts  # (b, 3) raw scores, in names order
+    expected = 0.5 * parts[:, 0] + parts[:, 1] - 0.25 * parts[:, 2]
+    torch.testing.assert_close(samples.scores, expected, rtol=1e-6, atol=0)
+    assert parts[:, 2].tolist() == [float(len(r)) for r in samples.responses]
+    trainer.train(1)
+    trainer.save(tmp_path / "state")
+    with pytest.raises(ValueError, match="saved with rewards"):
+        build(-0.5).load(tmp_path / "state")

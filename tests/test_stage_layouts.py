@@ -122,9 +122,7 @@ def test_reward_training_records_its_length_and_ppo_cuts_to_it(tmp_path):
         )
         + "\n"
     )
-    config = TrainConfig(
-        data=str(data), seq_len=20, batch_size=2, steps=2, warmup_steps=1, log_every=1
-    )
+    config = TrainConfig(seq_len=20, batch_size=2, steps=2, warmup_steps=1, log_every=1)
     train_reward(tmp_path / "trunk", data, config, out_dir=tmp_path / "rm", show_progress=False)
     model = RewardModel.from_pretrained(tmp_path / "rm")
     assert model.config.max_seq_len == 20 and model.max_row_len == 20
@@ -161,7 +159,7 @@ def test_every_stage_starts_its_sequences_with_bos(tmp_path, monkeypatch):
     # prompt is cut to max_prompt_tokens.
     trainer = trainer_for(reward_model(), max_prompt_tokens=6)
     rollout, _, _ = trainer.rollout(["a much longer prompt than six tokens", "hi"])
-    for seq, seq_mask in zip(rollout.sequences, rollout.sequence_mask, strict=True):
+    for seq, seq_mask in zip(rollout.samples.sequences, rollout.samples.sequence_mask, strict=True):
         real = seq[seq_mask].tolist()
         assert real[0] == TOK.bos_id and real.count(TOK.bos_id) == 1
 

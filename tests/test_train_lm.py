@@ -18,6 +18,7 @@ from palm_rlhf.training.state import TrainingCheckpoints
 from palm_rlhf.training.step import WindowSchedule, lr_at, param_groups
 
 TOK = ByteTokenizer()
+CORE_METRICS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
 
@@ -35,9 +36,8 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def quick_config(corpus: Path, **overrides) -> TrainConfig:
+def quick_config(**overrides) -> TrainConfig:
     values = dict(
-        data=str(corpus),
         seq_len=32,
         batch_size=4,
         steps=6,
@@ -82,14 +82,20 @@ def test_window_schedule_covers_every_item_each_epoch():
 def test_pretraining_learns_and_logs(corpus, tmp_path):
     history = train_lm(
         tiny_model_config(),
-        quick_config(corpus, steps=30, eval_every=15),
+        quick_config(steps=30, eval_every=15),
         tmp_path / "run",
         show_progress=False,
+        data=str(corpus),
     )
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 31))
-    for key in ("step", "loss", "lr", "tokens_per_s"):
-        assert key in metrics[0]
+    # The core record every supervised loop logs (training/step.py; the reward and DPO tests
+    # check the same keys), and what the run read, recorded beside its config.
+    assert all(set(CORE_METRICS) <= set(m) for m in metrics)
+    assert all(m["grad_norm"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
+    inputs = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert inputs == {"data": str(corpus), "init_checkpoint": None}
+    assert "data" not in json.loads((tmp_path / "run" / "train_config.json").read_text())
     evals = [m["eval_bpb"] for m in metrics if "eval_bpb" in m]
     assert len(evals) == 2 and evals[-1] < evals[0] < 8.5
     assert history[-1]["loss"] < history[0]["loss"] - 1.0
@@ -103,8 +109,14 @@ def test_pretraining_learns_and_logs(corpus, tmp_path):
 
 def test_resume_replays_the_same_losses_bitwise(corpus, tmp_path):
     torch.set_num_threads(1)
-    config = quick_config(corpus, steps=6, checkpoint_every=3, keep_checkpoints=5)
-    full = train_lm(tiny_model_config(dropout=0.1), config, tmp_path / "full", show_progress=False)
+    config = quick_config(steps=6, checkpoint_every=3, keep_checkpoints=5)
+    full = train_lm(
+        tiny_model_config(dropout=0.1),
+        config,
+        tmp_path / "full",
+        show_progress=False,
+        data=str(corpus),
+    )
     # Interrupted run: the same run directory as it stood after step 3.
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
@@ -118,6 +130,7 @@ def test_resume_replays_the_same_losses_bitwise(corpus, tmp_path):
         tmp_path / "resumed",
         resume=True,
         show_progress=False,
+        data=str(corpus),
     )
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[3:]]
@@ -128,15 +141,16 @@ def test_resume_replays_the_same_losses_bitwise(corpus, tmp_path):
 
 
 def test_resume_refuses_a_different_model_config(corpus, tmp_path):
-    config = quick_config(corpus, steps=2)
-    train_lm(tiny_model_config(), config, tmp_path / "run", show_progress=False)
+    config = quick_config(steps=2)
+    train_lm(tiny_model_config(), config, tmp_path / "run", show_progress=False, data=str(corpus))
     with pytest.raises(ValueError, match="does not match the requested model config"):
         train_lm(
             tiny_model_config(dim=48),
-            quick_config(corpus, steps=4),
+            quick_config(steps=4),
             tmp_path / "run",
             resume=True,
             show_progress=False,
+            data=str(corpus),
         )
 
 
@@ -157,12 +171,11 @@ def test_sigkill_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_p
     # And the run resumes from it.
     history = train_lm(
         tiny_model_config(),
-        quick_config(
-            corpus, steps=3, warmup_steps=1, seed=1, eval_every=0, checkpoint_every=1, lr=3e-3
-        ),
+        quick_config(steps=3, warmup_steps=1, seed=1, eval_every=0, checkpoint_every=1, lr=3e-3),
         out,
         resume=True,
         show_progress=False,
+        data=str(corpus),
     )
     assert [h["step"] for h in history] == [2, 3]
 
@@ -200,7 +213,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
 
 def test_sft_from_a_pretrained_checkpoint(corpus, tmp_path):
     train_lm(
-        tiny_model_config(), quick_config(corpus, steps=2), tmp_path / "base", show_progress=False
+        tiny_model_config(),
+        quick_config(steps=2),
+        tmp_path / "base",
+        show_progress=False,
+        data=str(corpus),
     )
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as handle:
@@ -209,11 +226,12 @@ def test_sft_from_a_pretrained_checkpoint(corpus, tmp_path):
     init = TrainingCheckpoints(tmp_path / "base" / "checkpoints").latest()
     history = train_lm(
         tiny_model_config(),
-        quick_config(pairs, steps=25, eval_every=25),
+        quick_config(steps=25, eval_every=25),
         tmp_path / "sft",
         init_checkpoint=init,
         sft=True,
         show_progress=False,
+        data=str(pairs),
     )
     assert history[-1]["loss"] < history[0]["loss"] - 1.0
     assert 0 < history[-1]["eval_bpb"] < 8.5
@@ -233,9 +251,10 @@ def fresh_accelerate_state():
 def test_bf16_autocast_trains(corpus, tmp_path, fresh_accelerate_state):
     history = train_lm(
         tiny_model_config(),
-        quick_config(corpus, steps=12, eval_every=12, mixed_precision="bf16"),
+        quick_config(steps=12, eval_every=12, mixed_precision="bf16"),
         tmp_path / "bf16",
         show_progress=False,
+        data=str(corpus),
     )
     assert all(math.isfinite(h["loss"]) for h in history)
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
@@ -248,43 +267,69 @@ def test_a_run_directory_is_never_clobbered(corpus, tmp_path):
     # Bug caught: a second fresh run into the same --out silently truncated the first run's
     # metrics.jsonl and mixed its checkpoints with the new ones.
     out = tmp_path / "run"
-    train_lm(tiny_model_config(), quick_config(corpus, steps=2), out, show_progress=False)
+    train_lm(tiny_model_config(), quick_config(steps=2), out, show_progress=False, data=str(corpus))
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
-        train_lm(tiny_model_config(), quick_config(corpus, steps=2), out, show_progress=False)
+        train_lm(
+            tiny_model_config(), quick_config(steps=2), out, show_progress=False, data=str(corpus)
+        )
     assert (out / "metrics.jsonl").read_text() == before
     (out / "notes.txt").write_text("mine")
     history = train_lm(
-        tiny_model_config(), quick_config(corpus, steps=1), out, show_progress=False, overwrite=True
+        tiny_model_config(),
+        quick_config(steps=1),
+        out,
+        show_progress=False,
+        overwrite=True,
+        data=str(corpus),
     )
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m] == [1]
     assert [h["step"] for h in history] == [1]
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
     with pytest.raises(ValueError, match="not both"):
         train_lm(
-            tiny_model_config(), quick_config(corpus, steps=1), out, resume=True, overwrite=True
+            tiny_model_config(),
+            quick_config(steps=1),
+            out,
+            resume=True,
+            overwrite=True,
+            data=str(corpus),
         )
 
 
 def test_sft_resume_needs_no_repeated_architecture(corpus, tmp_path):
     # Bug caught: with --init, --resume compared the checkpoint against the default preset and
     # refused unless the init model's architecture was repeated by hand.
-    train_lm(tiny_model_config(), quick_config(corpus, steps=2), tmp_path / "base",
-             show_progress=False)  # fmt: skip
+    train_lm(tiny_model_config(), quick_config(steps=2), tmp_path / "base",
+             show_progress=False, data=str(corpus))  # fmt: skip
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n"
                              for i in range(20)))  # fmt: skip
     init = tmp_path / "base"
-    config = quick_config(pairs, steps=2, checkpoint_every=2)
-    train_lm(None, config, tmp_path / "sft", init_checkpoint=init, sft=True, show_progress=False)
-    longer = quick_config(pairs, steps=4, checkpoint_every=2)
+    config = quick_config(steps=2, checkpoint_every=2)
+    train_lm(
+        None,
+        config,
+        tmp_path / "sft",
+        init_checkpoint=init,
+        sft=True,
+        show_progress=False,
+        data=str(pairs),
+    )
+    longer = quick_config(steps=4, checkpoint_every=2)
     history = train_lm(
         None, longer, tmp_path / "sft", init_checkpoint=init, sft=True, resume=True,
-        show_progress=False,
-    )  # fmt: skip
+        show_progress=False, data=str(pairs))  # fmt: skip
     assert [h["step"] for h in history if "loss" in h][-1] == 4
     with pytest.raises(ValueError, match="architecture comes from the init checkpoint"):
-        train_lm(tiny_model_config(dim=64), config, tmp_path / "x", init_checkpoint=init, sft=True)
+        train_lm(
+            tiny_model_config(dim=64),
+            config,
+            tmp_path / "x",
+            init_checkpoint=init,
+            sft=True,
+            data=str(pairs),
+        )
 
 
 def test_overwrite_never_deletes_the_runs_own_input(tmp_path):

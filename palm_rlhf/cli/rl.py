@@ -19,7 +19,8 @@ from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..plot import write_ppo_curves
 from ..rl.config import GRPOConfig, PPOConfig
-from ..rl.grpo import GRPOTrainer, reward_functions
+from ..rl.grpo import GRPOTrainer
+from ..rl.online import reward_functions
 from ..rl.ppo import PPOTrainer
 from ..tokenizers.files import load_tokenizer
 from ..training.config import DPOConfig

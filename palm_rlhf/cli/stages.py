@@ -42,6 +42,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     parser.add_argument(
+        "--data",
+        default=None,
+        help='a JSONL of {"prompt", "response"} pairs (required)'
+        if sft
+        else "corpus: 'stdlib' (this Python's standard library), a text file, a folder of text "
+        "files, a .gz file or a .jsonl file (its --jsonl-field) [stdlib]",
+    )
+    parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default=None,
@@ -115,6 +123,7 @@ def run_train(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         log_with=args.log_with,
         overwrite=args.overwrite,
+        data=args.data or "stdlib",
     )
     if accelerator.is_main_process and history:
         print_done(history[-1], args.out, accelerator.num_processes)
@@ -207,9 +216,13 @@ def add_preference_stage_options(
     parser: argparse.ArgumentParser, init_help: str, heldout_help: str, train_title: str
 ) -> None:
     """The options `reward` and `dpo` share: both train from a PaLM checkpoint on a preference
-    JSONL (--data, a TrainConfig field), split by prompt and optionally aggregated."""
-
+    JSONL (--data), split by prompt and optionally aggregated."""
     parser.add_argument("--init", required=True, type=Path, help=init_help)
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="preference JSONL: rankings, pairs or ratings, or a label-page log (required)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     add_run_options(parser, "continue from the latest checkpoint in --out")
     parser.add_argument("--heldout-fraction", type=float, default=0.1, help=heldout_help)

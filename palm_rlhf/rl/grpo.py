@@ -28,7 +28,6 @@ reinforce_pp_baseline subtract beta * the log-ratio at every token (Hu et al. 20
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,17 +51,22 @@ from ..losses.grpo import (
     whiten_with,
 )
 from ..losses.masked import masked_mean
-from ..model.lora import fold_policy_adapter
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer
-from ..training.runs import append_jsonl, claim_run_dir, truncate_metrics
 from ..training.step import WindowSchedule
 from .config import GRPOConfig
+from .online import (
+    OnlineRun,
+    RewardSpec,
+    make_engine,
+    make_generators,
+    reward_sources,
+    run_iterations,
+    setup_actor,
+    trainable_tensors,
+)
 from .rollout import (
-    RewardFn,
-    RewardSources,
-    RolloutEngine,
     Samples,
     Trajectory,
     as_records,
@@ -72,32 +76,12 @@ from .rollout import (
 from .run_state import (
     accumulation_divisors,
     average_gradients,
-    load_rl_state,
     mean_over_processes,
-    run_iterations,
-    save_rl_state,
     sum_over_processes,
 )
 
-ACTOR = "actor"
 METRICS_NAME = "grpo_metrics.jsonl"
 SAMPLES_NAME = "grpo_samples.jsonl"
-RewardSpec = RewardFn | tuple[str, RewardFn, float]
-
-
-def reward_functions(specs: Sequence[RewardSpec]) -> tuple[tuple[str, RewardFn, float], ...]:
-    """Callables (weight 1, named after themselves) or (name, fn, weight) triples."""
-    out = []
-    for spec in specs:
-        if callable(spec):
-            out.append((getattr(spec, "__name__", "reward_fn"), spec, 1.0))
-        else:
-            name, fn, weight = spec
-            out.append((str(name), fn, float(weight)))
-    names = [name for name, _, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward functions need distinct names, got {names}")
-    return tuple(out)
 
 
 class GRPOTrainer:
@@ -121,47 +105,25 @@ class GRPOTrainer:
             raise ValueError("prompts is empty")
         self.config = config = config or GRPOConfig()
         self.tokenizer, self.prompts = tokenizer, as_records(prompts)
+        rewards = reward_sources(reward_model, reward_model_weight, reward_fns)
         self.accelerator = accelerator or Accelerator()
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.show_progress, self.overwrite = show_progress, overwrite
-        self._run_claimed = False
-        rewards = RewardSources(reward_model, reward_model_weight, reward_functions(reward_fns))
+        self.show_progress = show_progress
+        files = [METRICS_NAME, SAMPLES_NAME]
+        self.run = OnlineRun("grpo", files, self.accelerator, out_dir, overwrite)
         torch.manual_seed(config.seed)
         device = self.accelerator.device
         policy.to(device)
         if reward_model is not None:
             reward_model.to(device).eval().requires_grad_(False)
-        fold_policy_adapter(policy)  # start from the policy the checkpoint holds
         self.policy = policy
-        if config.full_finetune:
-            # eval(): dropout off in the reference too (checklist 5)
-            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
-            params = list(policy.requires_grad_(True).parameters())
-            self.actor_scope = None
-        else:
-            lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
-            params = policy.add_lora(ACTOR, lora)  # freezes the base
-            self.reference, self.actor_scope = policy, ACTOR
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
+        actor = setup_actor(policy, config.full_finetune, lora)
+        self.reference, self.actor_scope, self.actor_params = actor
+        self.optimizer = torch.optim.AdamW(self.actor_params, lr=config.lr, weight_decay=0.0)
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)
         self.iteration, self.prompt_cursor = 0, 0
-        rank = self.accelerator.process_index
-        # Sampling on the policy's device, shuffling on the CPU, different seeds per process.
-        self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1_000_003 * (rank + 1))
-        self.engine = RolloutEngine(
-            policy,
-            self.reference,
-            self.actor_scope,
-            tokenizer,
-            rewards,
-            self.generator,
-            max_new_tokens=config.max_new_tokens,
-            max_prompt_tokens=config.max_prompt_tokens,
-            temperature=config.temperature,
-            no_eos_penalty=config.no_eos_penalty,
-            score_clip=config.score_clip,
-        )
+        self.generator, self.shuffle_generator = make_generators(config.seed, self.accelerator)
+        self.engine = make_engine(policy, actor, tokenizer, rewards, self.generator, config)
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- sampling
@@ -367,17 +329,15 @@ class GRPOTrainer:
         self.iteration += 1
         metrics["iteration"] = self.iteration
         self.history.append(metrics)
-        if self.out_dir is not None and self.accelerator.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            append_jsonl(self.out_dir / METRICS_NAME, metrics)
-            for i in range(min(config.log_samples, b)):
-                row = {
-                    "iteration": self.iteration,
-                    "prompt": samples.prompts[i],
-                    "response": samples.responses[i],
-                    "score": samples.scores[i].item(),
-                }
-                append_jsonl(self.out_dir / SAMPLES_NAME, row)
+        self.run.append(METRICS_NAME, metrics)
+        for i in range(min(config.log_samples, b)):
+            row = {
+                "iteration": self.iteration,
+                "prompt": samples.prompts[i],
+                "response": samples.responses[i],
+                "score": samples.scores[i].item(),
+            }
+            self.run.append(SAMPLES_NAME, row)
         return metrics
 
     def _rollout_metrics(self, trajectory: Trajectory) -> dict[str, float]:
@@ -407,25 +367,16 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _claim_run(self) -> None:
+    def claim_run(self) -> None:
         """A fresh run never appends to another run's metrics (refused unless overwrite=True,
         which deletes them); a resumed one (`load`) continues its own."""
-        if self._run_claimed or self.out_dir is None:
-            return
-        names = [METRICS_NAME, SAMPLES_NAME]
-        claim_run_dir(self.out_dir, names, False, self.overwrite, self.accelerator)
-        self._run_claimed = True
+        self.run.claim()
 
-    def _reward_setup(self) -> list[list]:
-        """[name, weight] per reward source: what a resume must match."""
-        rewards = self.engine.rewards
-        return [[name, weight] for name, weight in zip(rewards.names, rewards.weights, strict=True)]
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained tensors a saved run holds: the actor's adapter (or every weight)."""
+        return trainable_tensors({"policy": (self.policy, self.actor_params)})
 
-    def _trainable_state(self) -> dict[str, Tensor]:
-        params = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        return {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in params}
-
-    def _generators(self) -> dict[str, torch.Generator]:
+    def generators(self) -> dict[str, torch.Generator]:
         return {"generator": self.generator, "shuffle": self.shuffle_generator}
 
     def save(self, directory: str | Path) -> None:
@@ -435,41 +386,18 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
             "prompt_cursor": self.prompt_cursor,
-            "rewards": self._reward_setup(),
+            "rewards": self.engine.rewards.setup(),
         }
-        save_rl_state(
-            directory,
-            "grpo",
-            self.accelerator,
-            self.config,
-            self._trainable_state(),
-            state,
-            self._generators(),
-        )
+        self.run.save(directory, self.config, self.trainable_state(), state, self.generators())
 
     def load(self, directory: str | Path) -> None:
         """Restore a `save` directory into a trainer built the same way; metric and sample
         lines logged after the saved iteration are dropped, so none appears twice."""
-        state = load_rl_state(
-            directory,
-            "grpo",
-            self.accelerator,
-            self.config,
-            self._trainable_state(),
-            self._generators(),
-        )
-        if state.get("rewards") != self._reward_setup():
-            raise ValueError(
-                f"{directory}: saved with rewards {state.get('rewards')}, resuming with "
-                f"{self._reward_setup()}; exact resume needs the same rewards and weights"
-            )
+        state = self.run.load(directory, self.config, self.trainable_state(), self.generators())
+        self.engine.rewards.check_setup(state.get("rewards"), directory)
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.prompt_cursor = int(state["prompt_cursor"])
-        if self.out_dir is not None and self.accelerator.is_main_process:
-            for name in (METRICS_NAME, SAMPLES_NAME):
-                truncate_metrics(self.out_dir / name, self.iteration, key="iteration")
-        self._run_claimed = True
 
     def train(
         self,

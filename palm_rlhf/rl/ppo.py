@@ -51,24 +51,30 @@ from ..losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from ..model.lora import fold_policy_adapter, lora_parameters, merge_lora, remove_lora
+from ..model.lora import lora_parameters, merge_lora, remove_lora
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer
-from ..training.runs import append_jsonl, claim_run_dir, truncate_metrics
 from ..training.step import WindowSchedule
 from .config import PPOConfig
-from .rollout import RewardFn, RewardSources, RolloutEngine, as_records, response_logits
+from .online import (
+    OnlineRun,
+    RewardSpec,
+    make_engine,
+    make_generators,
+    reward_sources,
+    run_iterations,
+    setup_actor,
+    trainable_tensors,
+)
+from .rollout import RewardFn, Samples, Trajectory, as_records, response_logits
 from .run_state import (
     accumulation_divisors,
     average_gradients,
-    load_rl_state,
     mean_over_processes,
-    run_iterations,
-    save_rl_state,
 )
 
-ACTOR, CRITIC = "actor", "critic"
+CRITIC = "critic"
 METRICS_NAME = "ppo_metrics.jsonl"
 
 
@@ -88,19 +94,19 @@ class ValueModel(nn.Module):
         return [*lora_parameters(self.trunk, CRITIC), *self.head.parameters()]
 
 
-class Rollout(NamedTuple):
-    """One batch of experience; b responses, p prompt tokens, n response tokens."""
+class Experience(NamedTuple):
+    """One batch of PPO experience: the engine's trajectory (samples, old and reference
+    log-probs) plus what the critic and GAE add; b responses, n response tokens."""
 
-    sequences: Tensor  # (b, p + n) long: left-padded prompt + response
-    sequence_mask: Tensor  # (b, p + n) bool
-    response_mask: Tensor  # (b, n) bool: real response tokens (through eos)
-    old_logprobs: Tensor  # (b, n) under the sampling policy, from a full forward
-    ref_logprobs: Tensor  # (b, n) under the reference policy
+    trajectory: Trajectory
     values: Tensor  # (b, n) critic values before each response token
     advantages: Tensor  # (b, n) whitened GAE advantages
     returns: Tensor  # (b, n) advantages + values, before whitening
-    scores: Tensor  # (b,) the scores that entered the rewards
     kl: Tensor  # (b, n) per-token log-ratio to the reference
+
+    @property
+    def samples(self) -> Samples:
+        return self.trajectory.samples
 
 
 class PPOTrainer:
@@ -118,18 +124,23 @@ class PPOTrainer:
         out_dir: str | Path | None = None,
         show_progress: bool = True,
         overwrite: bool = False,
+        reward_fns: Sequence[RewardSpec] = (),
+        reward_model_weight: float = 1.0,
     ) -> None:
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("give exactly one of reward_model or reward_fn")
         if not prompts:
             raise ValueError("prompts is empty")
         self.config = config = config or PPOConfig()
         self.tokenizer, self.prompts = tokenizer, as_records(prompts)
-        self.reward_model, self.reward_fn = reward_model, reward_fn
+        # `reward_fn` (the form the README shows) is one more function, weight 1, named so.
+        functions = [
+            *([("reward_fn", reward_fn, 1.0)] if reward_fn is not None else []),
+            *reward_fns,
+        ]
+        rewards = reward_sources(reward_model, reward_model_weight, functions)
+        self.reward_model = reward_model
         self.accelerator = accelerator or Accelerator()
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.show_progress, self.overwrite = show_progress, overwrite
-        self._run_claimed = False
+        self.show_progress = show_progress
+        self.run = OnlineRun("ppo", [METRICS_NAME], self.accelerator, out_dir, overwrite)
         torch.manual_seed(config.seed)
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         # The loop places the models (they know nothing about devices, STYLE habit 2).
@@ -139,18 +150,9 @@ class PPOTrainer:
             reward_model.to(device)
 
         # Policy and reference: one base; the reference is the base with adapters off.
-        fold_policy_adapter(policy)  # start from the policy the checkpoint holds
         self.policy = policy
-        if config.full_finetune:
-            # eval(): dropout off in the reference too (checklist 5)
-            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
-            policy.requires_grad_(True)
-            actor_params = list(policy.parameters())
-            self.actor_scope = None
-        else:
-            actor_params = policy.add_lora(ACTOR, lora)  # freezes the base
-            self.reference = policy
-            self.actor_scope = ACTOR
+        actor = setup_actor(policy, config.full_finetune, lora)
+        self.reference, self.actor_scope = actor.reference, actor.scope
         # Critic: from the reward model where there is one, else on the policy's frozen base.
         if reward_model is not None:
             trunk = copy.deepcopy(reward_model.trunk)
@@ -172,14 +174,14 @@ class PPOTrainer:
         if trunk is not policy:
             trunk.requires_grad_(False)
         self.critic = ValueModel(trunk, head, lora)
-        critic_params = self.critic.trainable_parameters()
+        self.actor_params, self.critic_params = actor.params, self.critic.trainable_parameters()
         # Only the actor's and the critic's own parameters train; a shared base stays frozen.
-        for param in [*actor_params, *critic_params]:
+        for param in [*self.actor_params, *self.critic_params]:
             param.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": actor_params, "lr": config.lr},
-                {"params": critic_params, "lr": config.critic_lr},
+                {"params": self.actor_params, "lr": config.lr},
+                {"params": self.critic_params, "lr": config.critic_lr},
             ],
             weight_decay=0.0,
         )
@@ -190,35 +192,15 @@ class PPOTrainer:
         )
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)
         self.iteration = 0
-        # Sampling draws on the policy's device (a CPU generator cannot drive CUDA sampling);
-        # minibatch order is drawn on the CPU. Different seeds per process: each rank samples
-        # its own responses (checklist item 17).
-        rank = self.accelerator.process_index
-        self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1_000_003 * (rank + 1))
+        self.generator, self.shuffle_generator = make_generators(config.seed, self.accelerator)
         self.history: list[dict[str, Any]] = []
-        self.engine = RolloutEngine(
-            policy,
-            self.reference,
-            self.actor_scope,
-            tokenizer,
-            RewardSources(
-                reward_model=reward_model,
-                functions=(("reward_fn", reward_fn, 1.0),) if reward_fn is not None else (),
-            ),
-            self.generator,
-            max_new_tokens=config.max_new_tokens,
-            max_prompt_tokens=config.max_prompt_tokens,
-            temperature=config.temperature,
-            no_eos_penalty=config.no_eos_penalty,
-            score_clip=config.score_clip,
-        )
+        self.engine = make_engine(policy, actor, tokenizer, rewards, self.generator, config)
 
     # ----------------------------------------------------------------------------- rollout
 
     @torch.no_grad()
-    def rollout(self, prompts: list[PromptRecord]) -> tuple[Rollout, dict[str, float], Tensor]:
-        """Steps 1-4 of an iteration. Returns the rollout, its metrics and the epoch-0 order."""
+    def rollout(self, prompts: list[PromptRecord]) -> tuple[Experience, dict[str, float], Tensor]:
+        """Steps 1-4 of an iteration. Returns the experience, its metrics and the epoch-0 order."""
         config = self.config
         self.policy.eval()
         self.critic.eval()
@@ -245,18 +227,7 @@ class PPOTrainer:
         advantages, returns = gae_advantages(values, rewards, mask, config.gamma, config.lam)
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        rollout = Rollout(
-            sequences,
-            sequence_mask,
-            mask,
-            trajectory.old_logprobs,
-            trajectory.ref_logprobs,
-            values,
-            advantages,
-            returns,
-            scores,
-            kl,
-        )
+        experience = Experience(trajectory, values, advantages, returns, kl)
         lengths = mask.sum(dim=1).float()
         metrics = {
             "score_mean": scores.mean().item(),
@@ -265,16 +236,16 @@ class PPOTrainer:
             "eos_rate": samples.ended.float().mean().item(),
             "kl_coef": self.kl_controller.value,
         }
-        return rollout, self._mean_over_processes(metrics), order
+        return experience, self._mean_over_processes(metrics), order
 
     # ----------------------------------------------------------------------------- learning
 
-    def learn(self, rollout: Rollout, first_order: Tensor) -> dict[str, float]:
+    def learn(self, experience: Experience, first_order: Tensor) -> dict[str, float]:
         """Step 5: PPO epochs over shuffled minibatches. Policy and critic stay in eval mode:
         dropout is off everywhere during RL (checklist 5)."""
         config = self.config
-        p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
-        b = rollout.sequences.shape[0]
+        samples, old_logprobs = experience.samples, experience.trajectory.old_logprobs
+        p, b = samples.prompt_len, len(samples.prompts)
         stats: dict[str, list[float]] = {}
         for epoch in range(config.ppo_epochs):
             order = (
@@ -283,19 +254,23 @@ class PPOTrainer:
             chunks = order.split(config.minibatch_size)
             divisors = accumulation_divisors(len(chunks), config.grad_accum)
             for index, chunk in enumerate(chunks):
-                seq, seq_mask = rollout.sequences[chunk], rollout.sequence_mask[chunk]
-                mask = rollout.response_mask[chunk]
+                seq, seq_mask = samples.sequences[chunk], samples.sequence_mask[chunk]
+                mask = samples.response_mask[chunk]
                 logprobs, entropy = self.engine.policy_logprobs(seq, seq_mask, p, entropy=True)
                 policy_loss, policy_stats = ppo_policy_loss(
                     logprobs,
-                    rollout.old_logprobs[chunk],
-                    rollout.advantages[chunk],
+                    old_logprobs[chunk],
+                    experience.advantages[chunk],
                     mask,
                     config.clip,
                 )
                 values = response_logits(self.critic(seq, seq_mask)[..., None], p)[..., 0]
                 value_loss, value_stats = ppo_value_loss(
-                    values, rollout.values[chunk], rollout.returns[chunk], mask, config.value_clip
+                    values,
+                    experience.values[chunk],
+                    experience.returns[chunk],
+                    mask,
+                    config.value_clip,
                 )
                 loss = (
                     policy_loss
@@ -318,10 +293,7 @@ class PPOTrainer:
                 }
                 if epoch == 0 and not stats:
                     record["first_ratio_max_dev"] = (
-                        ((logprobs.detach() - rollout.old_logprobs[chunk]).exp() - 1)
-                        .abs()
-                        .max()
-                        .item()
+                        ((logprobs.detach() - old_logprobs[chunk]).exp() - 1).abs().max().item()
                     )
                 for key, value in record.items():
                     stats.setdefault(key, []).append(value)
@@ -340,15 +312,16 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _trainable_state(self) -> dict[str, Tensor]:
-        actor, critic = ({id(p) for p in g["params"]} for g in self.optimizer.param_groups)
-        state = {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in actor}
-        state.update(
-            {f"critic.{n}": p for n, p in self.critic.named_parameters() if id(p) in critic}
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained tensors a saved run holds: the actor's and the critic's."""
+        return trainable_tensors(
+            {
+                "policy": (self.policy, self.actor_params),
+                "critic": (self.critic, self.critic_params),
+            }
         )
-        return state
 
-    def _generators(self) -> dict[str, torch.Generator]:
+    def generators(self) -> dict[str, torch.Generator]:
         return {"generator": self.generator, "shuffle": self.shuffle_generator}
 
     def save(self, directory: str | Path) -> None:
@@ -359,35 +332,19 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "kl": self.kl_controller.state_dict(),
             "iteration": self.iteration,
+            "rewards": self.engine.rewards.setup(),
         }
-        save_rl_state(
-            directory,
-            "ppo",
-            self.accelerator,
-            self.config,
-            self._trainable_state(),
-            state,
-            self._generators(),
-        )
+        self.run.save(directory, self.config, self.trainable_state(), state, self.generators())
 
     def load(self, directory: str | Path) -> None:
         """Restore a `save` directory into a trainer built the same way (same base policy,
-        reward model or function, config and number of processes). Metric lines logged after
-        the saved iteration are dropped from ppo_metrics.jsonl, so none appears twice."""
-        state = load_rl_state(
-            directory,
-            "ppo",
-            self.accelerator,
-            self.config,
-            self._trainable_state(),
-            self._generators(),
-        )
+        reward sources, config and number of processes). Metric lines logged after the saved
+        iteration are dropped from ppo_metrics.jsonl, so none appears twice."""
+        state = self.run.load(directory, self.config, self.trainable_state(), self.generators())
+        self.engine.rewards.check_setup(state.get("rewards"), directory)
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.load_state_dict(state["kl"])
         self.iteration = int(state["iteration"])
-        if self.out_dir is not None and self.accelerator.is_main_process:
-            truncate_metrics(self.out_dir / METRICS_NAME, self.iteration, key="iteration")
-        self._run_claimed = True  # a resumed run continues its own metrics file
 
     def step(self) -> dict[str, Any]:
         """One PPO iteration on the next rollout_batch_size prompts."""
@@ -407,9 +364,7 @@ class PPOTrainer:
         self.iteration += 1
         metrics["iteration"] = self.iteration
         self.history.append(metrics)
-        if self.out_dir is not None and self.accelerator.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            append_jsonl(self.out_dir / METRICS_NAME, metrics)
+        self.run.append(METRICS_NAME, metrics)
         return metrics
 
     def train(
@@ -427,13 +382,10 @@ class PPOTrainer:
             self, num_iterations, time_limit_s, checkpoint_every, checkpoint_dir, desc="ppo"
         )
 
-    def _claim_run(self) -> None:
+    def claim_run(self) -> None:
         """A fresh run never appends to another run's ppo_metrics.jsonl (refused unless
         overwrite=True, which deletes it); a resumed one (`load`) continues its own."""
-        if self._run_claimed or self.out_dir is None:
-            return
-        claim_run_dir(self.out_dir, [METRICS_NAME], False, self.overwrite, self.accelerator)
-        self._run_claimed = True
+        self.run.claim()
 
 
 def normalized_head(reward_model: RewardModel) -> nn.Linear:

@@ -71,6 +71,17 @@ class RewardSources:
         head = [self.reward_model_weight] if self.reward_model is not None else []
         return head + [weight for _, _, weight in self.functions]
 
+    def setup(self) -> list[list]:
+        """[name, weight] per source: what a resumed run must match."""
+        return [[name, weight] for name, weight in zip(self.names, self.weights, strict=True)]
+
+    def check_setup(self, saved: list[list] | None, where: object) -> None:
+        if saved is not None and saved != self.setup():
+            raise ValueError(
+                f"{where}: saved with rewards {saved}, resuming with {self.setup()}; exact "
+                "resume needs the same rewards and weights"
+            )
+
 
 class Samples(NamedTuple):
     """Sampled, scored responses, before any log-prob pass."""

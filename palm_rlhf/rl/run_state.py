@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..progress import progress_kwargs
 from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, save_model_dir
 from ..storage.safetensors import flatten_state, load_safetensors, unflatten_state
-from ..training.runs import rank0_decides
 from ..training.state import gather_rng_states, restore_rng_states
 
 
@@ -159,41 +155,3 @@ def load_rl_state(
     for name, generator in generators.items():
         generator.set_state(state[name][rank].clone())
     return state
-
-
-def run_iterations(
-    trainer: Any,
-    num_iterations: int,
-    time_limit_s: float = 0.0,
-    checkpoint_every: int = 0,
-    checkpoint_dir: str | Path | None = None,
-    desc: str = "rl",
-) -> list[dict[str, Any]]:
-    """An online trainer's `train` (PPOTrainer, GRPOTrainer): check the arguments, claim the
-    run directory (`trainer._claim_run()`), then `num_iterations` more `trainer.step()`s with a
-    progress bar of the score and KL, `trainer.save(checkpoint_dir)` every checkpoint_every
-    iterations, and a stop once time_limit_s seconds have passed (0 = no limit; rank 0's clock
-    decides for all ranks, since ranks that disagreed would hang in a collective). Returns the
-    steps' metrics."""
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    if checkpoint_every and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs a checkpoint_dir")
-    trainer._claim_run()
-    accelerator = trainer.accelerator
-    bar = tqdm(
-        range(num_iterations),
-        desc=desc,
-        **progress_kwargs(trainer.show_progress and accelerator.is_main_process),
-    )
-    began, results = time.perf_counter(), []
-    for _ in bar:
-        metrics = trainer.step()
-        results.append(metrics)
-        bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
-        if checkpoint_every and trainer.iteration % checkpoint_every == 0:
-            trainer.save(checkpoint_dir)
-        if time_limit_s and rank0_decides(time.perf_counter() - began > time_limit_s, accelerator):
-            break
-    bar.close()
-    return results

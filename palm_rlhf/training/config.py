@@ -14,12 +14,8 @@ from ..config import check, positive_ints
 class TrainConfig:
     """Pretraining / SFT loop settings (`palm_rlhf.train_lm`)."""
 
-    data: str = "stdlib"
-    """Corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder of text
-    files, a .gz file or a .jsonl file (see jsonl_field). For SFT: a JSONL of prompt/response;
-    for reward: a preference JSONL."""
     jsonl_field: str = "text"
-    """Field holding each document's text in a .jsonl corpus."""
+    """Field holding each document's text in a .jsonl pretraining corpus."""
     seq_len: int = 256
     """Tokens per training sequence (documents are packed with eos between them)."""
     batch_size: int = 16

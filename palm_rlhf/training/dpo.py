@@ -307,7 +307,15 @@ def train_dpo(
     optimizer = make_optimizer(policy, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(policy, optimizer)
-    metrics_path = start_run(out_dir, config, start_step, accelerator, log_with, asdict(dpo_config))
+    metrics_path = start_run(
+        out_dir,
+        config,
+        start_step,
+        accelerator,
+        log_with,
+        asdict(dpo_config),
+        {"data": data, "init": init},
+    )
     if accelerator.is_main_process:
         save_config(dpo_config, out_dir / "dpo_config.json")
 

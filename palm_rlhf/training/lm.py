@@ -56,11 +56,16 @@ __all__ = ["read_metrics", "train_lm"]  # read_metrics: re-exported for existing
 
 
 def load_datasets(
-    config: TrainConfig, tokenizer: Tokenizer, cache_dir: Path, sft: bool, max_seq_len: int
+    data: str | Path,
+    config: TrainConfig,
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    sft: bool,
+    max_seq_len: int,
 ):
     """(train, heldout) datasets whose items are dicts of tokens / mask / loss_mask."""
     if sft:
-        dataset = SFTDataset(Path(config.data), tokenizer, max_seq_len=config.seq_len + 1)
+        dataset = SFTDataset(Path(data), tokenizer, max_seq_len=config.seq_len + 1)
         heldout_ids = [i for i in range(len(dataset)) if corpus.is_heldout(f"example-{i}")]
         if not heldout_ids:
             heldout_ids = [len(dataset) - 1]
@@ -70,7 +75,7 @@ def load_datasets(
         scored = sum(sum(dataset.examples[i][1]) for i in heldout_ids)
         tokens_per_byte = scored / max(1, sum(dataset.response_bytes[i] for i in heldout_ids))
         return Subset(dataset, train_ids), Subset(dataset, heldout_ids), tokens_per_byte
-    sources = corpus.resolve_corpus(config.data, jsonl_field=config.jsonl_field)
+    sources = corpus.resolve_corpus(str(data), jsonl_field=config.jsonl_field)
     splits = {}
     for split in ("train", "heldout"):
         path = corpus.build_token_file(sources, tokenizer, cache_dir, split)
@@ -143,8 +148,13 @@ def train_lm(
     log_with: str | list[str] | None = None,
     show_progress: bool = True,
     overwrite: bool = False,
+    data: str | Path = "stdlib",
 ) -> list[dict[str, Any]]:
     """Train and return the logged metric dicts (also written to out_dir/metrics.jsonl).
+
+    data: the corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder
+    of text files, a .gz file or a .jsonl file (its `config.jsonl_field`); with sft, a JSONL of
+    {"prompt", "response"} pairs.
 
     model_config: the architecture of a fresh model. With init_checkpoint the architecture is
     the checkpoint's: pass None (or the same config). A fresh run into an out_dir that already
@@ -177,7 +187,7 @@ def train_lm(
     # step 2. data (tokenized once into a cache; the main process builds it first)
     with accelerator.main_process_first():
         train_set, heldout_set, tokens_per_byte = load_datasets(
-            config, tokenizer, out_dir / "cache", sft, model_config.max_seq_len
+            data, config, tokenizer, out_dir / "cache", sft, model_config.max_seq_len
         )
     schedule = WindowSchedule(len(train_set), config.seed)
 
@@ -205,7 +215,13 @@ def train_lm(
         start_step = checkpoints.restore(latest, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_path = start_run(
-        out_dir, config, start_step, accelerator, log_with, asdict(model_config)
+        out_dir,
+        config,
+        start_step,
+        accelerator,
+        log_with,
+        asdict(model_config),
+        {"data": data, "init_checkpoint": init_checkpoint},
     )
 
     # step 4. the loop (mechanics in training/step.py): accumulate micro-batches, clip, step

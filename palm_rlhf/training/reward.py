@@ -299,7 +299,13 @@ def train_reward(
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_path = start_run(
-        out_dir, config, start_step, accelerator, log_with, asdict(reward_config)
+        out_dir,
+        config,
+        start_step,
+        accelerator,
+        log_with,
+        asdict(reward_config),
+        {"data": data, "init": init},
     )
 
     # step 4. the loop (mechanics in training/step.py): accumulate micro-batches, clip, step

@@ -82,18 +82,34 @@ def start_run(
     accelerator: Accelerator,
     log_with: str | list[str] | None,
     extra_config: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
     config_name: str = "train_config.json",
 ) -> Path:
-    """Prepare a run directory: save the loop's config, cut metrics.jsonl back to the step the
-    run (re)starts from, start any trackers. Returns the metrics file's path."""
+    """Prepare a run directory: save the loop's config, and what it reads (`inputs`: its data
+    and starting checkpoint, passed as arguments rather than config fields) as inputs.json; cut
+    metrics.jsonl back to the step the run (re)starts from; start any trackers. Returns the
+    metrics file's path."""
     metrics_path = out_dir / "metrics.jsonl"
+    described = {key: describe_input(value) for key, value in (inputs or {}).items()}
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / config_name)
+        write_bytes_atomic(out_dir / INPUTS_NAME, (json.dumps(described, indent=2) + "\n").encode())
         truncate_metrics(metrics_path, start_step)
     if log_with:
-        accelerator.init_trackers("palm_rlhf", config={**asdict(config), **extra_config})
+        tracked = {**asdict(config), **extra_config, **described}
+        accelerator.init_trackers("palm_rlhf", config=tracked)
     return metrics_path
+
+
+INPUTS_NAME = "inputs.json"
+
+
+def describe_input(value: Any) -> str | None:
+    """A path or spec as text; data handed over in memory (a PreferenceData) by its type."""
+    if value is None or isinstance(value, str | Path):
+        return None if value is None else str(value)
+    return f"<{type(value).__name__} in memory>"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

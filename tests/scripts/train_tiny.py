@@ -24,7 +24,6 @@ def main() -> None:
         num_tokens=tok.vocab_size, dim=32, depth=2, heads=2, dim_head=16, max_seq_len=64
     )
     config = TrainConfig(
-        data=corpus,
         seq_len=32,
         batch_size=batch_size,
         steps=3,
@@ -51,7 +50,13 @@ def main() -> None:
         checkpoint_module.write_safetensors = save_then_die
     accelerator = Accelerator(cpu=True)
     history = train_lm(
-        model_config, config, out, accelerator=accelerator, tokenizer=tok, show_progress=False
+        model_config,
+        config,
+        out,
+        accelerator=accelerator,
+        tokenizer=tok,
+        show_progress=False,
+        data=corpus,
     )
     model = accelerator.unwrap_model(accelerator._models[0])
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])

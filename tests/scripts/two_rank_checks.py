@@ -49,7 +49,6 @@ def reward_with_unused_parameters(out: Path, accelerator: Accelerator) -> int:
         (out / "ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     accelerator.wait_for_everyone()
     config = TrainConfig(
-        data=str(out / "ranks.jsonl"),
         seq_len=24,
         batch_size=2,
         steps=3,
@@ -121,7 +120,7 @@ def grpo_checks(out: Path, accelerator: Accelerator, result: dict) -> None:
     result["grpo_history"] = straight.train(2)
     straight.save(out / "grpo_state")
     result["grpo_straight"] = straight.train(2)
-    state = straight._trainable_state()
+    state = straight.trainable_state()
     result["grpo_param_sums"] = {k: v.detach().double().sum().item() for k, v in state.items()}
     resumed = grpo_trainer(accelerator)
     resumed.load(out / "grpo_state")
@@ -142,7 +141,6 @@ def dpo_checks(out: Path, accelerator: Accelerator, result: dict) -> None:
                 handle.write(json.dumps(record) + "\n")
     accelerator.wait_for_everyone()
     config = TrainConfig(
-        data=str(out / "prefs.jsonl"),
         seq_len=16,
         batch_size=2,
         steps=4,
@@ -180,7 +178,6 @@ def time_limit_from_rank0(out: Path, accelerator: Accelerator) -> int:
         history = train_lm(
             PaLMConfig(**SMALL),
             TrainConfig(
-                data=str(out / "corpus"),
                 seq_len=16,
                 batch_size=2,
                 steps=4,
@@ -194,6 +191,7 @@ def time_limit_from_rank0(out: Path, accelerator: Accelerator) -> int:
             out / "lm",
             accelerator=accelerator,
             show_progress=False,
+            data=str(out / "corpus"),
         )
     finally:
         time.perf_counter = real_clock
@@ -211,7 +209,7 @@ def main() -> None:
     trainer = ppo_trainer(accelerator, adaptive_kl=True, kl_target=0.01, kl_horizon=10)
     result["kl_coefs"] = [m["kl_coef"] for m in trainer.train(3)]
     result["kl_coef_after"] = trainer.kl_controller.value
-    state = trainer._trainable_state()
+    state = trainer.trainable_state()
     result["param_sums"] = {k: v.detach().double().sum().item() for k, v in state.items()}
 
     straight = ppo_trainer(accelerator)

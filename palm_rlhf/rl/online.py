@@ -1,0 +1,257 @@
+"""What the online trainers (PPO, GRPO) share around their iterations, written once:
+
+- `reward_sources`: a reward model and/or any number of weighted Python reward functions, taken
+  the same way by both trainers;
+- `setup_actor`: the policy the checkpoint holds (an adapter it carries folded in), its
+  reference (the same base with adapters off; with full_finetune, a frozen copy) and the
+  parameters that train (the "actor" LoRA scope, or every weight);
+- `make_generators` and `make_engine`: the per-process sampling and shuffling generators and the
+  `RolloutEngine` built from a trainer's config;
+- `OnlineRun`: the run directory (its JSONL files claimed once, continued on resume) and the
+  trainer's state saved and restored through `run_state`;
+- `OnlineTrainer` and `run_iterations`: the iteration driver both `train` methods call, and
+  what it needs of a trainer, as a typed protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import LoRAConfig
+from ..model.lora import fold_policy_adapter
+from ..model.palm import PaLM
+from ..model.reward import RewardModel
+from ..progress import progress_kwargs
+from ..tokenizers.base import Tokenizer
+from ..training.runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from .rollout import RewardFn, RewardSources, RolloutEngine
+from .run_state import load_rl_state, save_rl_state
+
+ACTOR = "actor"
+RewardSpec = RewardFn | tuple[str, RewardFn, float]
+
+
+def reward_functions(specs: Sequence[RewardSpec]) -> tuple[tuple[str, RewardFn, float], ...]:
+    """Callables (weight 1, named after themselves) or (name, fn, weight) triples."""
+    out = []
+    for spec in specs:
+        if callable(spec):
+            out.append((getattr(spec, "__name__", "reward_fn"), spec, 1.0))
+        else:
+            name, fn, weight = spec
+            out.append((str(name), fn, float(weight)))
+    names = [name for name, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward functions need distinct names, got {names}")
+    return tuple(out)
+
+
+def reward_sources(
+    reward_model: RewardModel | None,
+    reward_model_weight: float,
+    reward_fns: Sequence[RewardSpec],
+) -> RewardSources:
+    """The score both trainers optimise: reward_model_weight * the reward model's normalised
+    score (if given) + sum of weight * fn(prompts, responses, **fields). At least one source."""
+    return RewardSources(reward_model, reward_model_weight, reward_functions(reward_fns))
+
+
+class Actor(NamedTuple):
+    """The trained side of a policy: its reference, the LoRA scope it samples under (None for a
+    full fine-tune) and the parameters the optimizer steps."""
+
+    reference: PaLM
+    scope: str | None
+    params: list[nn.Parameter]
+
+
+def setup_actor(policy: PaLM, full_finetune: bool, lora: LoRAConfig) -> Actor:
+    """Start from the policy the checkpoint holds (a PPO/GRPO/DPO adapter it carries merged in);
+    with LoRA the reference is the same module with adapters off, so no weight is copied."""
+    fold_policy_adapter(policy)
+    if full_finetune:
+        # eval(): dropout off in the reference too (checklist 5)
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        return Actor(reference, None, list(policy.requires_grad_(True).parameters()))
+    return Actor(policy, ACTOR, policy.add_lora(ACTOR, lora))  # add_lora freezes the base
+
+
+class SamplingConfig(Protocol):
+    """The config fields the rollout engine reads (PPOConfig and GRPOConfig both have them)."""
+
+    seed: int
+    max_new_tokens: int
+    max_prompt_tokens: int
+    temperature: float
+    no_eos_penalty: float | None
+    score_clip: float
+
+
+def make_generators(seed: int, accelerator: Accelerator) -> tuple[torch.Generator, torch.Generator]:
+    """(sampling, shuffling) generators of this process. Sampling draws on the policy's device (a
+    CPU generator cannot drive CUDA sampling); minibatch order is drawn on the CPU. Seeds differ
+    per process, so each rank samples its own responses (checklist item 17)."""
+    rank = accelerator.process_index
+    sampling = torch.Generator(device=accelerator.device).manual_seed(seed + rank)
+    shuffling = torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
+    return sampling, shuffling
+
+
+def make_engine(
+    policy: PaLM,
+    actor: Actor,
+    tokenizer: Tokenizer,
+    rewards: RewardSources,
+    generator: torch.Generator,
+    config: SamplingConfig,
+) -> RolloutEngine:
+    return RolloutEngine(
+        policy,
+        actor.reference,
+        actor.scope,
+        tokenizer,
+        rewards,
+        generator,
+        max_new_tokens=config.max_new_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+        temperature=config.temperature,
+        no_eos_penalty=config.no_eos_penalty,
+        score_clip=config.score_clip,
+    )
+
+
+def trainable_tensors(
+    parts: dict[str, tuple[nn.Module, Sequence[nn.Parameter]]],
+) -> dict[str, Tensor]:
+    """{prefix.name: parameter} for the trained parameters of each named module: what a saved
+    online run holds (the frozen base is the checkpoint the run started from)."""
+    out = {}
+    for prefix, (module, params) in parts.items():
+        trained = {id(p) for p in params}
+        out.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if id(p) in trained})
+    return out
+
+
+class OnlineRun:
+    """An online trainer's output folder and saved state.
+
+    `prefix` names the files ("ppo": ppo_metrics.jsonl, ppo_state/...). A fresh run never
+    appends to another run's files (refused unless overwrite, which deletes them); a resumed one
+    (`load`) continues its own after dropping the lines logged past the saved iteration.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        files: Sequence[str],
+        accelerator: Accelerator,
+        out_dir: str | Path | None,
+        overwrite: bool,
+    ) -> None:
+        self.prefix, self.files, self.accelerator = prefix, tuple(files), accelerator
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.overwrite, self.claimed = overwrite, False
+
+    def claim(self) -> None:
+        if self.claimed or self.out_dir is None:
+            return
+        claim_run_dir(self.out_dir, self.files, False, self.overwrite, self.accelerator)
+        self.claimed = True
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        """One JSONL line in out_dir/name, written by the main process."""
+        if self.out_dir is not None and self.accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            append_jsonl(self.out_dir / name, record)
+
+    def save(
+        self,
+        directory: str | Path,
+        config: Any,
+        trainable: dict[str, Tensor],
+        state: dict[str, Any],
+        generators: dict[str, torch.Generator],
+    ) -> None:
+        """`run_state.save_rl_state` under this run's prefix. A collective."""
+        save_rl_state(
+            directory, self.prefix, self.accelerator, config, trainable, state, generators
+        )
+
+    def load(
+        self,
+        directory: str | Path,
+        config: Any,
+        trainable: dict[str, Tensor],
+        generators: dict[str, torch.Generator],
+    ) -> dict[str, Any]:
+        """Restore tensors and RNG (`run_state.load_rl_state`), cut this run's JSONL files back
+        to the saved iteration, and return the saved state for the trainer's own fields."""
+        state = load_rl_state(
+            directory, self.prefix, self.accelerator, config, trainable, generators
+        )
+        if self.out_dir is not None and self.accelerator.is_main_process:
+            for name in self.files:
+                truncate_metrics(self.out_dir / name, int(state["iteration"]), key="iteration")
+        self.claimed = True  # a resumed run continues its own files
+        return state
+
+
+class OnlineTrainer(Protocol):
+    """What `run_iterations` drives: PPOTrainer and GRPOTrainer."""
+
+    accelerator: Accelerator
+    iteration: int
+    show_progress: bool
+
+    def claim_run(self) -> None: ...
+
+    def step(self) -> dict[str, Any]: ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+
+def run_iterations(
+    trainer: OnlineTrainer,
+    num_iterations: int,
+    time_limit_s: float = 0.0,
+    checkpoint_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "rl",
+) -> list[dict[str, Any]]:
+    """An online trainer's `train` (PPOTrainer, GRPOTrainer): check the arguments, claim the
+    run directory (`trainer.claim_run()`), then `num_iterations` more `trainer.step()`s with a
+    progress bar of the score and KL, `trainer.save(checkpoint_dir)` every checkpoint_every
+    iterations, and a stop once time_limit_s seconds have passed (0 = no limit; rank 0's clock
+    decides for all ranks, since ranks that disagreed would hang in a collective). Returns the
+    steps' metrics."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir")
+    trainer.claim_run()
+    accelerator = trainer.accelerator
+    bar = tqdm(
+        range(num_iterations),
+        desc=desc,
+        **progress_kwargs(trainer.show_progress and accelerator.is_main_process),
+    )
+    began, results = time.perf_counter(), []
+    for _ in bar:
+        metrics = trainer.step()
+        results.append(metrics)
+        bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_ref']:.2f}")
+        if checkpoint_every and trainer.iteration % checkpoint_every == 0:
+            trainer.save(checkpoint_dir)
+        if time_limit_s and rank0_decides(time.perf_counter() - began > time_limit_s, accelerator):
+            break
+    bar.close()
+    return results
