@@ -3,7 +3,7 @@
 step 1. a pretrained tiny PaLM (`--init`), e.g. from the README's 9-minute command
         palm-rlhf pretrain --preset tiny --data stdlib --steps 780 --lr 2e-3 \
             --warmup-steps 50 --out runs/tiny
-step 2. it samples K continuations of stdlib prompts; the labeler (labeler.py) ranks them;
+step 2. it samples K continuations of stdlib prompts; the labeler (label/simulated.py) ranks them;
         held-out prompts come from the corpus's held-out files
 step 3. a reward model trained on the rankings: held-out pairwise accuracy
 step 4. the same responses with each group's ranks shuffled: accuracy should stay near 50%

@@ -12,7 +12,9 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,9 +23,51 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+# Validation helpers, written once for every config dataclass: errors name the field.
+
+
 def check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{field}: {message}")
+
+
+def is_int(value: Any) -> bool:
+    """An int, and not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_ints(config: object, names: Sequence[str], minimum: int = 1) -> None:
+    """Each named field is an int >= minimum (1: positive, 0: non-negative)."""
+    bound = {1: "positive", 0: ">= 0"}.get(minimum, f">= {minimum}")
+    for name in names:
+        value = getattr(config, name)
+        check(is_int(value), name, f"must be an int, got {value!r}")
+        check(value >= minimum, name, f"must be {bound}, got {value}")
+
+
+def check_numbers(
+    config: object, names: Sequence[str], minimum: float = 0.0, strict: bool = True
+) -> None:
+    """Each named field is a finite number above minimum (or at least it, with strict=False)."""
+    for name in names:
+        value = getattr(config, name)
+        check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            name,
+            f"must be a number, got {value!r}",
+        )
+        above = value > minimum if strict else value >= minimum
+        bound = (
+            ("positive" if strict else ">= 0")
+            if minimum == 0
+            else f"{'>' if strict else '>='} {minimum}"
+        )
+        check(math.isfinite(value) and above, name, f"must be {bound}, got {value}")
+
+
+def check_choice(config: object, name: str, choices: Sequence[Any]) -> None:
+    value = getattr(config, name)
+    check(value in choices, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,23 +129,19 @@ class PaLMConfig:
     """Standard deviation of the normal initialisation of weights."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_tokens",
-            "dim",
-            "depth",
-            "heads",
-            "kv_heads",
-            "dim_head",
-            "ff_mult",
-            "max_seq_len",
-        ):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool),
-                name,
-                f"must be an int, got {value!r}",
-            )
-            check(value > 0, name, f"must be positive, got {value}")
+        check_ints(
+            self,
+            (
+                "num_tokens",
+                "dim",
+                "depth",
+                "heads",
+                "kv_heads",
+                "dim_head",
+                "ff_mult",
+                "max_seq_len",
+            ),
+        )
         check(
             self.heads % self.kv_heads == 0,
             "kv_heads",
@@ -189,7 +229,7 @@ class PaLMConfig:
 
 
 def positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -280,13 +320,3 @@ def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PaLMConfig(num_tokens=num_tokens, **{**PRESETS[name], **overrides})
-
-
-def positive_ints(config: object, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        check(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            name,
-            f"must be a positive int, got {value!r}",
-        )

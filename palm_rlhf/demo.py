@@ -3,7 +3,7 @@
 step 1. pretrain a tiny PaLM on the Python standard library's sources
 step 2. SFT on (signature + docstring) -> body pairs mined from the training files
 step 3. sample K bodies per training-file docstring prompt from the SFT policy; the simulated
-        labeler (labeler.py) ranks them, or people on the ranking page (`--human`)
+        labeler (label/simulated.py) ranks them, or people on the ranking page (`--human`)
 step 4. train a reward model (from the SFT model) on those rankings only
 step 5. PPO from the SFT policy against the reward model
 step 6. on held-out files' docstring prompts: the rule's score after pretraining, SFT and
@@ -336,7 +336,7 @@ def run_demo(
         "preset": preset,
         "pretrain_eval_bpb": history[-1].get("eval_bpb"),
         "ranked_groups": len(groups),
-        "labeler": "people (ranking page)" if human else "simulated (labeler.py rule)",
+        "labeler": "people (ranking page)" if human else "simulated (label/simulated.py rule)",
         "reward_model_heldout_accuracy": rm_accuracy,
         "rule_score_before": before_score,
         "rule_score_sft": sft_score,

@@ -4,7 +4,8 @@ Prompts of different lengths are left-padded into one batch; each forward gets e
 positions counted over real tokens (RLHF checklist item 1), so a row's tokens and log-probs do
 not depend on how much padding it has. The returned log-probs come from exactly the distribution
 each token was sampled from: logits / temperature, then top-k and top-p filtering, renormalised
-(checklist item 3); `sampling_logprobs` recomputes them the same way for PPO.
+(checklist item 3); `sampling_logprobs` computes them from logits the same way (the tests check
+generate against it; PPO and GRPO recompute old log-probs with a full forward instead).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ from palm_rlhf.config import (
     load_config,
     save_config,
 )
+from palm_rlhf.model.reward import RewardConfig
+from palm_rlhf.rl.config import GRPOConfig, PPOConfig
+from palm_rlhf.training.config import DPOConfig, TrainConfig
 
 BASE = dict(num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 INT_FIELDS = (
@@ -343,3 +346,26 @@ def test_field_docs_text_is_the_literal_under_the_field():
         "Projections that get an adapter: fused_proj (q, k, v and the SwiGLU inputs), "
         "attn_out, ff_out."
     )
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value", "message"),
+    [
+        (TrainConfig, "steps", True, "must be an int, got True"),
+        (TrainConfig, "steps", 0, "must be positive, got 0"),
+        (TrainConfig, "seed", -1, "must be >= 0, got -1"),
+        (TrainConfig, "mixed_precision", "fp16", "must be one of no, bf16, got 'fp16'"),
+        (DPOConfig, "loss_type", "hinge", "must be one of"),
+        (PPOConfig, "kl_target", float("inf"), "must be positive, got inf"),
+        (PPOConfig, "entropy_coef", float("nan"), "must be >= 0, got nan"),
+        (GRPOConfig, "scale_rewards", "all", "must be one of group, batch, none, got 'all'"),
+        (GRPOConfig, "group_size", 2.0, "must be an int, got 2.0"),
+        (RewardConfig, "rating_bins", -2, "must be >= 0, got -2"),
+        (RewardConfig, "pairwise_margin", float("nan"), "must be >= 0, got nan"),
+    ],
+)
+def test_every_config_validates_with_the_same_helpers(cls, field, value, message):
+    """The int / number / choice checks are written once (config.py) and name the field; a bool
+    is not an int, and nan or inf is not a positive (or non-negative) number."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"{field}: {message}")):
+        cls(**{field: value})

@@ -46,7 +46,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def stream_of(docs: list[str]) -> list[int]:
-    """The token file's layout: every document is bos + doc + eos (tokenizer.py)."""
+    """The token file's layout: every document is bos + doc + eos (tokenizers/base.py)."""
     return [t for doc in docs for t in [TOK.bos_id, *TOK.encode(doc), EOS]]
 
 

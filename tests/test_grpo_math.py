@@ -1,4 +1,4 @@
-"""Hand-computed checks of the critic-free maths (palm_rlhf.rl.grpo_math)."""
+"""Hand-computed checks of the critic-free maths (palm_rlhf.losses.grpo)."""
 
 import math
 
@@ -17,8 +17,8 @@ from palm_rlhf.losses.grpo import (
     leave_one_out_advantages,
     overlong_penalty,
     sequence_log_ratio,
-    whiten_with,
 )
+from palm_rlhf.losses.masked import masked_whiten
 
 # Two groups of three: rewards (1, 2, 3) and (5, 5, 5).
 SCORES = tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
@@ -68,11 +68,14 @@ def test_discounted_returns_put_the_score_at_the_last_real_token():
     assert_close(half[0], tensor([0.1125, 0.325, 0.85]))
 
 
-def test_whiten_with_given_statistics():
+def test_whitening_with_given_statistics():
+    """REINFORCE++'s global whitening: the batch's statistics, not this tensor's own."""
     x = tensor([[1.0, 3.0], [5.0, 100.0]])
     mask = tensor([[True, True], [True, False]])
-    out = whiten_with(x, mask, tensor(3.0), tensor(4.0), eps=0.0)
+    out = masked_whiten(x, mask, eps=0.0, stats=(tensor(3.0), tensor(4.0)))
     assert_close(out, tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    # Its own statistics (mean 3, unbiased var 4) give the same here.
+    assert_close(masked_whiten(x, mask, eps=0.0), out)
 
 
 def test_overlong_penalty_ramps_over_the_buffer():

@@ -207,7 +207,7 @@ def build_token_file(
 
     def fill(handle: BinaryIO) -> None:  # streamed: the file object buffers the writes
         for doc in split_documents(sources, split, fraction):
-            # native-endian, as torch.from_file reads; bos + doc + eos (tokenizer.py)
+            # native-endian, as torch.from_file reads; bos + doc + eos (tokenizers/base.py)
             ids = array(ARRAY_CODES[dtype], tokenizer.encode(doc, add_bos=True, add_eos=True))
             handle.write(ids.tobytes())
             stats["num_tokens"] += len(ids)
@@ -296,18 +296,6 @@ class TokenFile:
 def load_tokens(path: str | Path) -> Tensor:
     """The (N,) memory-mapped tokens of a token file."""
     return TokenFile.open(path).tokens
-
-
-def load_split(
-    spec: str,
-    tokenizer: Tokenizer,
-    cache_dir: str | Path,
-    split: Split,
-    jsonl_field: str = "text",
-) -> TokenFile:
-    """resolve_corpus + build_token_file + TokenFile.open: what a training loop calls."""
-    sources = resolve_corpus(spec, jsonl_field)
-    return TokenFile.open(build_token_file(sources, tokenizer, cache_dir, split))
 
 
 class PackedDataset(Dataset):

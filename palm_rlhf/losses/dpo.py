@@ -9,7 +9,7 @@ of the policy minus that of the reference), so beta * logratio is DPO's implicit
 (Rafailov et al. 2023, eq. 5). DPO losses average per pair or per prompt, never per token: the
 Bradley-Terry and Plackett-Luce models score whole sequences.
 
-The K-wise layout is that of `palm_rlhf.reward.ranking_loss`: a flat batch of N completions with
+The K-wise layout is that of `palm_rlhf.losses.preference.ranking_loss`: a flat batch of N completions with
 `ranks` (N,) int, lower is better, ties share a rank, and `group` (N,) int, the prompt each
 completion answers. A prompt whose completions are all tied carries no preference: it adds
 nothing to a loss and is not counted in its divisor.
@@ -112,7 +112,7 @@ def ranking_dpo_loss(
     label_smoothing: float = 0.0,
 ) -> Tensor:
     """DPO over every untied pair of K ranked completions, normalised as InstructGPT's K-wise
-    reward loss (Ouyang et al. 2022, eq. 1; `palm_rlhf.reward.ranking_loss`): scalar.
+    reward loss (Ouyang et al. 2022, eq. 1; `palm_rlhf.losses.preference.ranking_loss`): scalar.
 
     logratios, ranks, group (N,). For a prompt with K completions, every pair y_w ranked above
     y_l adds dpo_pair_loss(logratio_w, logratio_l) / C(K, 2); tied pairs add nothing. The sum

@@ -3,7 +3,7 @@ REINFORCE++ (`palm_rlhf.rl.grpo` runs them).
 
 Shapes: b = responses, n = response tokens, g = groups. `group` (b,) long gives the prompt each
 response answers (the G responses to one prompt form a group); `mask` (b, n) bool, True = a real
-response token, as in `rl_math`. Everything at mask == False comes out as exactly 0.
+response token, as in `losses.ppo`. Everything at mask == False comes out as exactly 0.
 """
 
 from __future__ import annotations
@@ -88,12 +88,6 @@ def discounted_returns(
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
     return returns.masked_fill(~mask, 0)
-
-
-def whiten_with(x: Tensor, mask: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) with statistics given from outside (the whole batch across
-    processes: REINFORCE++'s global normalisation); 0 where masked."""
-    return ((x - mean) * torch.rsqrt(var + eps)).masked_fill(~mask.bool(), 0)
 
 
 def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, factor: float) -> Tensor:

@@ -41,11 +41,20 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """(x - mean) / sqrt(var + eps) with mean and unbiased var over valid entries only (checklist
-    item 13); shift_mean=False adds the mean back (whitens the scale only). 0 where masked."""
+    item 13); shift_mean=False adds the mean back (whitens the scale only). 0 where masked.
+
+    stats=(mean, var) supplies the statistics from outside: REINFORCE++ whitens each process's
+    returns with the mean and variance of the whole batch across processes (Hu et al. 2025)."""
     mask = mask.bool()
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = stats if stats is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -186,6 +186,3 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
-
-
-KLController = AdaptiveKLController | FixedKLController

@@ -24,7 +24,7 @@ import torch
 from beartype import beartype
 from torch import Tensor, nn
 
-from ..config import LoRAConfig, check, config_from_dict
+from ..config import LoRAConfig, check, check_ints, check_numbers, config_from_dict
 from ..storage.checkpoint import load_model_dir, save_model_dir
 from ..tokenizers.files import TOKENIZER_FILES
 from .lora import lora_parameters
@@ -50,32 +50,14 @@ class RewardConfig:
     max_seq_len: int = 0
     """Longest prompt + response row, in tokens, the model was trained on: `train_reward` sets
     it to the run's seq_len, and scoring (PPO, `palm-rlhf score`) cuts rows to it exactly as
-    training did (`preferences.encode_completion`). 0: the trunk's max_seq_len."""
+    training did (`data.preferences.encode_completion`). 0: the trunk's max_seq_len."""
 
     def __post_init__(self) -> None:
-        for name in ("rating_bins", "lora_rank", "max_seq_len"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                f"must be a non-negative int, got {value!r}",
-            )
+        check_ints(self, ("rating_bins", "lora_rank", "max_seq_len"), minimum=0)
         check(self.rating_bins != 1, "rating_bins", "must be 0 (no head) or at least 2, got 1")
         check(self.max_seq_len != 1, "max_seq_len", "must be 0 (the trunk's) or at least 2, got 1")
-        for name in ("lora_alpha", "pairwise_margin"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int | float) and not isinstance(value, bool),
-                name,
-                f"must be a number, got {value!r}",
-            )
-            check(math.isfinite(value), name, f"must be finite, got {value}")
-        check(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha}")
-        check(
-            self.pairwise_margin >= 0,
-            "pairwise_margin",
-            f"must be non-negative, got {self.pairwise_margin}",
-        )
+        check_numbers(self, ("lora_alpha",))
+        check_numbers(self, ("pairwise_margin",), strict=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check, positive_ints
+from ..config import check, check_choice, check_ints, check_numbers
+from ..losses.grpo import LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass(frozen=True)
@@ -73,32 +74,29 @@ class PPOConfig:
     """Seed for prompt order, sampling and minibatch shuffling."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "rollout_batch_size",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "ppo_epochs",
-            "minibatch_size",
-            "grad_accum",
-            "lora_rank",
-            "kl_horizon",
-        ):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                name,
-                f"must be a positive int, got {value!r}",
-            )
+        check_ints(
+            self,
+            (
+                "rollout_batch_size",
+                "max_new_tokens",
+                "max_prompt_tokens",
+                "ppo_epochs",
+                "minibatch_size",
+                "grad_accum",
+                "lora_rank",
+                "kl_horizon",
+            ),
+        )
         check(
             self.minibatch_size <= self.rollout_batch_size,
             "minibatch_size",
             f"must be <= rollout_batch_size={self.rollout_batch_size}",
         )
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        for name in ("lr", "critic_lr", "clip", "value_clip", "lora_alpha", "kl_target"):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"):
-            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check_numbers(self, ("lr", "critic_lr", "clip", "value_clip", "lora_alpha", "kl_target"))
+        check_numbers(
+            self, ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"), strict=False
+        )
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
 
@@ -180,7 +178,7 @@ class GRPOConfig:
     """Seed for prompt order, sampling and minibatch shuffling."""
 
     def __post_init__(self) -> None:
-        positive_ints(
+        check_ints(
             self,
             (
                 "prompts_per_iteration",
@@ -194,21 +192,9 @@ class GRPOConfig:
                 "lora_rank",
             ),
         )
-        check(
-            self.estimator in ESTIMATORS,
-            "estimator",
-            f"must be one of {ESTIMATORS}, got {self.estimator!r}",
-        )
-        check(
-            self.scale_rewards in ("group", "batch", "none"),
-            "scale_rewards",
-            f"must be group, batch or none, got {self.scale_rewards!r}",
-        )
-        check(
-            self.loss_type in ("grpo", "dapo", "dr_grpo", "gspo"),
-            "loss_type",
-            f"must be grpo, dapo, dr_grpo or gspo, got {self.loss_type!r}",
-        )
+        check_choice(self, "estimator", ESTIMATORS)
+        check_choice(self, "scale_rewards", SCALE_REWARDS)
+        check_choice(self, "loss_type", LOSS_TYPES)
         check(
             self.estimator not in ("rloo", "reinforce_pp_baseline") or self.group_size > 1,
             "group_size",
@@ -221,10 +207,10 @@ class GRPOConfig:
             f"{self.prompts_per_iteration * self.group_size}",
         )
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        for name in ("lr", "clip", "clip_high", "lora_alpha"):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("kl_coef", "score_clip", "grad_clip", "overlong_penalty"):
-            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check_numbers(self, ("lr", "clip", "clip_high", "lora_alpha"))
+        check_numbers(
+            self, ("kl_coef", "score_clip", "grad_clip", "overlong_penalty"), strict=False
+        )
         check(self.clip < 1, "clip", f"must be < 1, got {self.clip}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         check(

@@ -3,7 +3,7 @@
 No value model: each prompt gets G responses and the advantages come from the group (or the
 whole batch). The policy trains an "actor" LoRA scope (or every weight with full_finetune); the
 reference is the base with adapters off. `GRPOConfig.estimator` picks the advantages,
-`loss_type` the aggregation (formulas in `grpo_math` and the README).
+`loss_type` the aggregation (formulas in `losses.grpo` and the README).
 
 One iteration (`GRPOTrainer.step`):
     step 1. take the next prompts_per_iteration prompts on each process, sample group_size
@@ -48,9 +48,8 @@ from ..losses.grpo import (
     leave_one_out_advantages,
     overlong_penalty,
     sequence_log_ratio,
-    whiten_with,
 )
-from ..losses.masked import masked_mean
+from ..losses.masked import masked_mean, masked_whiten
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer
@@ -220,7 +219,7 @@ class GRPOTrainer:
         mean = total / count.clamp(min=1)
         squares = ((returns - mean) ** 2).masked_fill(~loss_mask, 0).sum()
         var = sum_over_processes(squares, self.accelerator) / (count - 1).clamp(min=1)
-        return whiten_with(returns, mask, mean, var)
+        return masked_whiten(returns, mask, stats=(mean, var))
 
     # ----------------------------------------------------------------------------- update
 

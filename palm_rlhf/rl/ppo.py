@@ -11,7 +11,7 @@ Models (memory-light, RLHF checklist items 9 and 16):
 One iteration (`PPOTrainer.step`):
     step 1. sample prompts and generate responses with the KV cache (eval mode, dropout off)
     step 2. score the sampled ids; the reward model reads exactly the rows it was trained on
-            (`preferences.encode_completion`: [bos] + prompt + response + [eos], cut to its
+            (`data.preferences.encode_completion`: [bos] + prompt + response + [eos], cut to its
             training length); a response without eos gets no_eos_penalty instead, if set
     step 3. once, without gradients: old log-probs, reference log-probs and values, all from a
             full forward at the sampling temperature, in the minibatches of the first epoch
@@ -20,7 +20,7 @@ One iteration (`PPOTrainer.step`):
     step 5. PPO epochs over shuffled minibatches: clipped policy + value losses
     step 6. update the KL controller from the KL averaged over processes, so every rank keeps
             the same coefficient, and return the iteration's metrics (averaged over processes)
-Losses average over valid tokens of a minibatch (rl_math).
+Losses average over valid tokens of a minibatch (`losses.ppo`).
 
 Devices: the trainer puts the policy and reward model on the accelerator's device; sampling
 draws from a generator on that device, minibatch shuffling from one on the CPU. Each process

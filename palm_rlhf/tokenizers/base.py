@@ -4,8 +4,8 @@ Ids 0..255 are the UTF-8 bytes; pad, bos and eos follow. Pad and eos must differ
 checklist item 2): masking padding must never mask the token that ends a response.
 
 The bos convention, the same in every stage: every sequence a model reads starts with bos.
-Pretraining documents are `[bos] + doc + [eos]` (data.py), SFT and reward-model rows are
-`[bos] + prompt + response + [eos]` (data.py, preferences.py), and every generating stage
+Pretraining documents are `[bos] + doc + [eos]` (data/corpus.py), SFT and reward-model rows are
+`[bos] + prompt + response + [eos]` (data/sft.py, data/preferences.py), and every generating stage
 (generate, sampling for labels, PPO) feeds the policy `encode_prompt`'s `[bos] + prompt`.
 """
 

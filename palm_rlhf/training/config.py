@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import check, positive_ints
+from ..config import check, check_choice, check_ints
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Pretraining / SFT loop settings (`palm_rlhf.train_lm`)."""
+    """Pretraining / SFT loop settings (`palm_rlhf.training.lm.train_lm`)."""
 
     jsonl_field: str = "text"
     """Field holding each document's text in a .jsonl pretraining corpus."""
@@ -60,28 +60,16 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "seq_len",
-            "batch_size",
-            "grad_accum",
-            "steps",
-            "eval_batches",
-            "log_every",
-            "keep_checkpoints",
-        ):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                name,
-                f"must be a positive int, got {value!r}",
-            )
-        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                f"must be a non-negative int, got {value!r}",
-            )
+        check_ints(
+            self,
+            ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"),
+        )
+        check_ints(self, ("keep_checkpoints",))
+        check_ints(
+            self,
+            ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "seed"),
+            minimum=0,
+        )
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(
             0 <= self.min_lr_ratio <= 1,
@@ -92,11 +80,7 @@ class TrainConfig:
         check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
         check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        check(
-            self.mixed_precision in ("no", "bf16"),
-            "mixed_precision",
-            f"must be 'no' or 'bf16', got {self.mixed_precision!r}",
-        )
+        check_choice(self, "mixed_precision", ("no", "bf16"))
         check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
 
 
@@ -122,11 +106,7 @@ class DPOConfig:
     """Train every weight instead of an adapter (the reference is then a frozen copy)."""
 
     def __post_init__(self) -> None:
-        check(
-            self.loss_type in DPO_LOSSES,
-            "loss_type",
-            f"must be one of {DPO_LOSSES}, got {self.loss_type!r}",
-        )
+        check_choice(self, "loss_type", DPO_LOSSES)
         check(self.beta > 0 and math.isfinite(self.beta), "beta", f"must be > 0, got {self.beta}")
         check(
             0 <= self.label_smoothing < 0.5,
@@ -138,5 +118,5 @@ class DPOConfig:
             "label_smoothing",
             f"only applies to loss_type 'sigmoid', not {self.loss_type!r}",
         )
-        positive_ints(self, ("lora_rank",))
+        check_ints(self, ("lora_rank",))
         check(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha}")

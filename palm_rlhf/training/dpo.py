@@ -2,7 +2,7 @@
 
 DPO (Rafailov et al. 2023) trains the policy on the rankings themselves, with no reward model
 and no sampling: the implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)),
-summed over its tokens, and the losses of `dpo_math` ask the better response's implicit reward
+summed over its tokens, and the losses of `losses.dpo` ask the better response's implicit reward
 to exceed the worse one's. K-wise rankings enter whole: as every untied pair weighted 1/C(K,2)
 (sigmoid, IPO, conservative DPO), or through the listwise Plackett-Luce likelihood of the
 ranking's tiers.
@@ -15,7 +15,7 @@ and cached: training then runs one forward per completion per step.
 The loop follows `train_reward`'s conventions: batches are a pure function of (seed, step,
 rank), checkpoints (adapters/model + optimizer + RNG, no pickle) make a resumed run replay the
 uninterrupted one, the held-out split is by prompt, and every rank takes the same step (DDP).
-Rows are `data.sft_example`'s: [bos] + prompt + response + [eos], scored on response and eos.
+Rows are `data.sft.sft_example`'s: [bos] + prompt + response + [eos], scored on response and eos.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def encode_policy_rows(
     groups: list[PreferenceGroup], tokenizer: Tokenizer, seq_len: int
 ) -> dict[str, Tensor]:
     """Every completion of `groups` as one flat, right-padded batch of policy rows: tokens,
-    mask, loss_mask (N, n) and ranks, group (N,) in `reward.ranking_loss`'s layout."""
+    mask, loss_mask (N, n) and ranks, group (N,) in `losses.preference.ranking_loss`'s layout."""
     rows, loss_masks, ranks, group = [], [], [], []
     for index, item in enumerate(groups):
         prompt = tokenizer.encode(item.prompt)
@@ -118,7 +118,7 @@ def reference_logprobs(
 
 
 def dpo_loss(logratios: Tensor, batch: dict[str, Tensor], config: DPOConfig) -> Tensor:
-    """The configured objective over a flat batch of completions (`dpo_math`)."""
+    """The configured objective over a flat batch of completions (`losses.dpo`)."""
     if config.loss_type == "plackett_luce":
         return plackett_luce_loss(logratios, batch["ranks"], batch["group"], config.beta)
     return ranking_dpo_loss(

@@ -5,7 +5,7 @@ the learning rate a function of the step, and checkpoints (model + optimizer + R
 make a resumed run replay the uninterrupted one exactly.
 
 Each micro-batch takes `batch_size` prompt groups; every completion of a group is forwarded once
-and all its untied pairs enter InstructGPT's K-wise loss (`reward.ranking_loss`). Rating
+and all its untied pairs enter InstructGPT's K-wise loss (`losses.preference.ranking_loss`). Rating
 records, if the data has any, add a rating loss on `batch_size` of them: cross-entropy over the
 rating head when `RewardConfig.rating_bins` > 0, else regression of the scalar score onto the
 rating. Groups and ratings go through the trunk in ONE forward, and a head the data never
@@ -13,7 +13,7 @@ trains (the rating head on ranking-only data) is frozen: under DDP every trained
 get a gradient in every step.
 
 The held-out split is by prompt over groups and ratings together, so no held-out prompt's
-ratings train the model. Rows are built by `preferences.encode_completion`, cut to `seq_len`,
+ratings train the model. Rows are built by `data.preferences.encode_completion`, cut to `seq_len`,
 which the saved RewardConfig records (`max_seq_len`) so scoring cuts rows the same way.
 
 TrainConfig fields that do not apply here (corpus and sampling options: jsonl_field,
