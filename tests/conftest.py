@@ -25,6 +25,29 @@ def tiny_model(seed: int = 0, **overrides) -> PaLM:
     return model.eval()
 
 
+FLOAT32_ULPS = 64
+"""How many float32 roundings (2**-23 each, relative) two computations of the same value may
+differ by when they take different paths: a padded batch against each row alone, a KV cache
+against a full forward, a folded adapter against an unfolded one. Each path sums its products
+in another order, and the CPU's kernels pick their blocking by shape, alignment and instruction
+set (AVX-512 on AMD EPYC, AMX-capable Xeons): the last bits differ between machines. A few dozen
+roundings of the largest value compared covers that for these tiny models; a real bug (a wrong
+position, a missing mask, an adapter left out) moves values by 1e-2 or more."""
+
+
+def float32_bound(*values: torch.Tensor, ulps: float = FLOAT32_ULPS) -> float:
+    """An absolute bound for comparing float32 results: `ulps` roundings of the largest
+    magnitude among `values` (at least 1, so values near 0 get the bound of values near 1)."""
+    scale = max(float(v.detach().abs().max()) for v in values if v.numel())
+    return ulps * torch.finfo(torch.float32).eps * max(scale, 1.0)
+
+
+def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, ulps: float = FLOAT32_ULPS):
+    """assert_close with the absolute bound scaled to the magnitudes compared (FLOAT32_ULPS)."""
+    bound = float32_bound(actual, expected, ulps=ulps)
+    torch.testing.assert_close(actual, expected, atol=bound, rtol=0)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

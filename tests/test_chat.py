@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from bpe import VOCAB, tokenizer_files
+from conftest import assert_close_f32
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.chat import ChatSession, chat_loop, printable
@@ -71,7 +72,7 @@ def test_the_cache_carries_the_conversation(monkeypatch):
     read.clear()
     session.prepare("one more")
     assert sum(read) < len(session.cached) / 2
-    torch.testing.assert_close(session.logits, fresh_logits(session), atol=1e-5, rtol=0)
+    assert_close_f32(session.logits, fresh_logits(session))
     # The cached tokens spell the template's rendering of the whole conversation (the
     # replies as sampled, which need not be how the tokenizer would split their text).
     tokenizer = session.tokenizer
@@ -91,7 +92,7 @@ def test_a_model_without_template_gets_a_plain_transcript():
     assert session.cached[0] == ByteTokenizer().bos_id
     text = ByteTokenizer().decode(session.cached)
     assert text == f"User: hi\nAssistant: {reply}\n\nUser: bye\nAssistant:"
-    torch.testing.assert_close(session.logits, fresh_logits(session), atol=1e-5, rtol=0)
+    assert_close_f32(session.logits, fresh_logits(session))
 
 
 def test_the_oldest_turns_go_when_the_context_is_full():
@@ -106,7 +107,7 @@ def test_the_oldest_turns_go_when_the_context_is_full():
     assert session.messages[0]["content"] != "turn 0: def wrap(text, width=70, **kwargs):"
     assert session.messages[-2]["content"].startswith("turn 5")
     session.prepare("last")
-    torch.testing.assert_close(session.logits, fresh_logits(session), atol=1e-5, rtol=0)
+    assert_close_f32(session.logits, fresh_logits(session))
     kept = list(session.messages)
     with pytest.raises(ValueError, match="that message is too long"):
         session.prepare("x " * 200)

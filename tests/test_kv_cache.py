@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_close_f32, tiny_model
 from test_palm import CONFIGS
 
 from palm_rlhf import generate
@@ -13,11 +13,11 @@ def test_cached_logits_equal_full_forward_at_every_step(name):
     cache = model.new_cache(3)
     with torch.no_grad():
         prefill = model(tokens[:, :7], cache=cache)
-        torch.testing.assert_close(prefill, model(tokens[:, :7]), atol=1e-5, rtol=0)
+        assert_close_f32(prefill, model(tokens[:, :7]))
         for step in range(7, 24):
             cached = model(tokens[:, step : step + 1], cache=cache)[:, -1]
             full = model(tokens[:, : step + 1])[:, -1]
-            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+            assert_close_f32(cached, full)
 
 
 def test_chunked_prefill_equals_full_forward():
@@ -26,7 +26,7 @@ def test_chunked_prefill_equals_full_forward():
     cache = model.new_cache(2)
     with torch.no_grad():
         chunks = [model(tokens[:, i : i + 5], cache=cache) for i in range(0, 20, 5)]
-        torch.testing.assert_close(torch.cat(chunks, 1), model(tokens), atol=1e-5, rtol=0)
+        assert_close_f32(torch.cat(chunks, 1), model(tokens))
 
 
 @pytest.mark.parametrize("name", ["mqa", "sliding"])
@@ -42,7 +42,7 @@ def test_left_padded_cached_decoding_equals_full_forward(name):
         for step in range(6, 12):
             cached = model(tokens[:, step : step + 1], cache=cache)[:, -1]
             full = model(tokens[:, : step + 1], mask=mask[:, : step + 1])[:, -1]
-            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+            assert_close_f32(cached, full)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
@@ -74,4 +74,4 @@ def test_greedy_generation_with_and_without_cache_is_identical(name):
     cached = generate(model, prompts, **kwargs)
     uncached = generate(model, prompts, use_cache=False, **kwargs)
     assert torch.equal(cached.tokens, uncached.tokens)
-    torch.testing.assert_close(cached.logprobs, uncached.logprobs, atol=1e-5, rtol=0)
+    assert_close_f32(cached.logprobs, uncached.logprobs)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_close_f32, tiny_model
 
 from palm_rlhf import LoRAConfig, PaLM, generate, lora_parameters, merge_lora, remove_lora
 
@@ -67,7 +67,7 @@ def test_merge_equals_unmerged_adapter(kv_heads):
     perturb(model.add_lora("actor", LoRAConfig(rank=4, alpha=4)))
     unmerged = model(tokens, lora_scope="actor")
     merge_lora(model, "actor")
-    torch.testing.assert_close(model(tokens), unmerged, atol=1e-5, rtol=0)
+    assert_close_f32(model(tokens), unmerged)
     assert "actor" not in model.lora_configs
     with pytest.raises(ValueError, match="unknown LoRA scope 'actor'"):
         model(tokens, lora_scope="actor")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from conftest import assert_close_f32, float32_bound, tiny_config, tiny_model
 from einops import rearrange
 
 from palm_rlhf import PaLM, lm_loss
@@ -132,8 +132,8 @@ def test_padding_does_not_change_real_tokens(name, side):
     batch = torch.stack((row, long))
     batch_mask = torch.stack((mask, torch.ones(9, dtype=torch.bool)))
     logits = model(batch, mask=batch_mask)
-    torch.testing.assert_close(logits[0][mask], model(short[None])[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[1], model(long[None])[0], atol=1e-5, rtol=0)
+    assert_close_f32(logits[0][mask], model(short[None])[0])
+    assert_close_f32(logits[1], model(long[None])[0])
     assert torch.isfinite(logits).all()  # pad queries never see an all-masked row
 
 
@@ -216,3 +216,14 @@ def test_init_is_small_and_seeded():
     # Near-uniform predictions at init: loss close to log(vocab).
     loss = a.loss(torch.randint(0, 40, (4, 32))).item()
     assert abs(loss - math.log(40)) < 0.1
+
+
+def test_the_float32_bound_scales_with_the_values_and_still_catches_bugs():
+    """conftest's tolerance: 64 roundings of the largest value compared, at least of 1."""
+    eps = torch.finfo(torch.float32).eps
+    assert float32_bound(torch.tensor([0.001])) == 64 * eps
+    assert float32_bound(torch.tensor([-40.0, 2.0])) == 64 * eps * 40
+    logits = torch.randn(4, 8) * 5
+    assert_close_f32(logits + 10 * eps * logits.abs(), logits)  # a few roundings pass
+    with pytest.raises(AssertionError):
+        assert_close_f32(logits + 1e-3, logits)  # a real difference does not

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close_f32
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.losses.preference import (
@@ -159,7 +160,7 @@ def test_padding_does_not_change_scores(side):
         batched = model(tokens, mask)
         alone = torch.cat([model(torch.tensor([row])) for row in rows])
     assert len(set(alone.tolist())) == len(rows)  # the rows really score differently
-    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    assert_close_f32(batched, alone)
 
 
 def test_head_init_std():
@@ -238,8 +239,11 @@ def test_save_load_round_trip_is_bitwise(tmp_path, config):
     assert sorted(original) == sorted(restored)
     for name, value in original.items():
         assert torch.equal(restored[name], value), name
+    # The weights are bitwise equal (above); the outputs may differ in the last bits, since the
+    # loaded tensors sit at the file's offsets (not 64-byte aligned) and CPU kernels pick their
+    # vector path by alignment.
     with torch.no_grad():
-        assert torch.equal(loaded(tokens, normalized=True), model(tokens, normalized=True))
+        assert_close_f32(loaded(tokens, normalized=True), model(tokens, normalized=True))
     saved = json.loads((tmp_path / "rm" / "reward_config.json").read_text())
     assert saved == config.to_dict()
     assert (tmp_path / "rm" / "lora.json").exists() == (config.lora_rank > 0)
