@@ -20,6 +20,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .storage.atomic import write_bytes_atomic
+
 T = TypeVar("T")
 
 
@@ -244,8 +246,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .storage.atomic import write_bytes_atomic
-
     text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode())
 

@@ -16,9 +16,9 @@ PACKAGE = Path(palm_rlhf.__file__).parent
 # its own folder; units in one layer are peers and do not import each other.
 LAYERS: list[tuple[str, ...]] = [
     ("progress", "storage"),
-    ("config",),
+    ("config",),  # above storage: save_config writes atomically
     ("tokenizers",),
-    ("losses",),
+    ("losses",),  # pure tensor maths, below the model: PaLM.loss is losses.lm.lm_loss
     ("model",),
     ("data",),
     ("arithmetic",),  # a synthetic task (prompts from data/ + its reward function)
@@ -174,3 +174,15 @@ def test_the_walk_sees_relative_and_function_level_imports(tmp_path):
     node = ast.parse(code).body[0].body[0]
     assert resolve(lazy, node) == "palm_rlhf.cli"
     assert unit_of("palm_rlhf.cli") == "cli" and LAYER_OF["cli"] > LAYER_OF["model"]
+
+
+def test_tests_mirror_the_package_tree():
+    """Each package folder has its tests in the folder of the same name under tests/; the tests
+    of flat modules and of the whole pipeline sit at the top; basenames stay unique (pytest
+    imports test modules by basename)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    test_folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert test_folders == folders
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))

@@ -21,6 +21,8 @@ import functools
 import random
 from dataclasses import dataclass
 
+from .corpus import resolve_corpus, split_documents
+
 
 @dataclass(frozen=True)
 class DocstringPair:
@@ -73,8 +75,6 @@ def stdlib_docstring_pairs(count: int, split: str = "train", seed: int = 0) -> l
 @functools.lru_cache(maxsize=2)
 def _split_pairs(split: str) -> tuple[DocstringPair, ...]:
     """All pairs of a split, distinct prompts, sorted (parsing the stdlib takes seconds)."""
-    from .corpus import resolve_corpus, split_documents
-
     pairs: dict[str, DocstringPair] = {}
     for document in split_documents(resolve_corpus("stdlib"), split):  # type: ignore[arg-type]
         for pair in pairs_from_source(document):

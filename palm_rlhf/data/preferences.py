@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..storage.text_files import decode_utf8, parse_jsonl, read_bytes, string_field
 from ..tokenizers.base import Tokenizer, pad_sequences
+from .rank_stats import AGGREGATES
 
 # The keys that identify each record format.
 _MARKERS = {
@@ -183,8 +184,6 @@ def _aggregate(
     skipped: Counter[str],
 ) -> list[PreferenceGroup]:
     """One group per task_id (rows without one pass through), at its first row's position."""
-    from .rank_stats import AGGREGATES
-
     members: dict[str, list[PreferenceGroup]] = {}
     for group, task in zip(groups, task_of, strict=True):
         if task is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..storage.text_files import decode_utf8, parse_jsonl, read_bytes, string_field
+from .corpus import resolve_corpus, split_documents
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ def stdlib_prompts(
 ) -> list[str]:
     """`count` prompts of `lines` consecutive non-blank source lines (ending in a newline) from
     random places in the stdlib corpus split, chosen deterministically by `seed`."""
-    from .corpus import resolve_corpus, split_documents
-
     rng = random.Random(seed)
     documents = list(split_documents(resolve_corpus("stdlib"), split))  # type: ignore[arg-type]
     prompts: list[str] = []

@@ -9,11 +9,10 @@ of the policy minus that of the reference), so beta * logratio is DPO's implicit
 (Rafailov et al. 2023, eq. 5). DPO losses average per pair or per prompt, never per token: the
 Bradley-Terry and Plackett-Luce models score whole sequences.
 
-The K-wise layout is that of `palm_rlhf.losses.preference.ranking_loss`: a flat batch of N completions with
-`ranks` (N,) int, lower is better, ties share a rank, and `group` (N,) int, the prompt each
-completion answers. A prompt whose completions are all tied carries no preference: it adds
-nothing to a loss and is not counted in its divisor.
-"""
+The K-wise layout is that of `palm_rlhf.losses.preference.ranking_loss`: a flat batch of N
+completions with `ranks` (N,) int, lower is better, ties share a rank, and `group` (N,) int, the
+prompt each completion answers. A prompt whose completions are all tied carries no preference:
+it adds nothing to a loss and is not counted in its divisor."""
 
 from __future__ import annotations
 

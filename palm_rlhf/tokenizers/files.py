@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..storage.checkpoint import resolve_run_dir
 from .base import ByteTokenizer, Tokenizer, check_vocabulary
+from .hf import HFTokenizer
 
 # The files a Hugging Face tokenizer is made of (`palm_rlhf.hf.tokenizer`). A checkpoint holds
 # them beside its weights when its model reads that tokenizer; a checkpoint without them reads
@@ -25,8 +27,6 @@ def load_tokenizer(files: dict[str, str]) -> Tokenizer:
     """The tokenizer of a checkpoint from its tokenizer files' texts (`PaLM.tokenizer_files`):
     a Hugging Face tokenizer where there is a tokenizer.json, else the byte tokenizer."""
     if "tokenizer.json" in files:
-        from .hf import HFTokenizer
-
         return HFTokenizer(files)
     return ByteTokenizer()
 
@@ -40,8 +40,6 @@ def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
 def read_tokenizer_files(directory: str | Path) -> dict[str, str]:
     """The texts of the TOKENIZER_FILES a directory holds (a run directory stands for its
     latest checkpoint)."""
-    from ..storage.checkpoint import resolve_run_dir
-
     directory = resolve_run_dir(Path(directory))
     return {
         name: (directory / name).read_text(encoding="utf-8")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import pad_sequences
+from .base import ByteTokenizer, pad_sequences
 
 
 def _require(module: str) -> Any:
@@ -203,8 +203,6 @@ def byte_tokenizer_files(max_seq_len: int) -> dict[str, str]:
     `ByteTokenizer`: a byte-level BPE without merges (id b = byte b) and pad, bos, eos as
     special tokens 256, 257, 258."""
     tokenizers = _require("tokenizers")
-    from .base import ByteTokenizer
-
     byte_tokenizer = ByteTokenizer()
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))

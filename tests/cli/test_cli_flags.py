@@ -309,13 +309,13 @@ def run(argv, calls, capsys):
 
 
 # Checked elsewhere because they act only on files a fresh run does not have yet: sample's
-# --overwrite (tests/test_label_cli.py refuses an existing --out without it).
+# --overwrite (tests/cli/test_cli_label.py refuses an existing --out without it).
 NEEDS_EXISTING_OUTPUT = {
     ("sample", "--overwrite"),
     # sample's --out receives the tasks after sampling, where the recorder stops the run;
-    # tests/test_label_cli.py reads the tasks back from --out.
+    # tests/cli/test_cli_label.py reads the tasks back from --out.
     ("sample", "--out"),
-    ("import-hf", "--overwrite"),  # tests/test_hf_convert.py
+    ("import-hf", "--overwrite"),  # tests/hf/test_hf_convert.py
     ("export-hf", "--overwrite"),
 }
 

@@ -19,7 +19,7 @@ from palm_rlhf.training.step import WindowSchedule, lr_at, param_groups
 
 TOK = ByteTokenizer()
 CORE_METRICS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
-SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny.py"
 
 
 def tiny_model_config(**overrides) -> PaLMConfig:

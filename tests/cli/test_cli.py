@@ -187,7 +187,7 @@ def test_pretrain_bad_input_names_the_problem(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path / "blob.bin"), *out]) == 2
     assert "binary file" in capsys.readouterr().err
     assert main(["pretrain", "--data", "stdlib", "--steps", "0", *out]) == 2
-    assert "steps: must be a positive int" in capsys.readouterr().err
+    assert "steps: must be positive, got 0" in capsys.readouterr().err
 
 
 def test_reward_then_score(tmp_path, capsys):
