@@ -228,11 +228,12 @@ def run_iterations(
     desc: str = "rl",
 ) -> list[dict[str, Any]]:
     """An online trainer's `train` (PPOTrainer, GRPOTrainer): check the arguments, claim the
-    run directory (`trainer.claim_run()`), then `num_iterations` more `trainer.step()`s with a
-    progress bar of the score and KL, `trainer.save(checkpoint_dir)` every checkpoint_every
+    run directory (`trainer.claim_run()`), then `num_iterations` MORE `trainer.step()`s (after a
+    `load`, counting from the resumed iteration; the CLI's --iterations is a total instead) with
+    a progress bar of the score and KL, `trainer.save(checkpoint_dir)` every checkpoint_every
     iterations, and a stop once time_limit_s seconds have passed (0 = no limit; rank 0's clock
-    decides for all ranks, since ranks that disagreed would hang in a collective). Returns the
-    steps' metrics."""
+    decides for all ranks, since ranks that disagreed would hang in a collective). Returns this
+    call's metrics."""
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     if checkpoint_every and checkpoint_dir is None:

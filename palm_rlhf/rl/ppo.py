@@ -374,10 +374,7 @@ class PPOTrainer:
         checkpoint_every: int = 0,
         checkpoint_dir: str | Path | None = None,
     ) -> list[dict[str, Any]]:
-        """Run `num_iterations` MORE iterations (after a `load`, counting from the resumed
-        one; the CLI's --iterations is a total instead). Stops early once time_limit_s seconds
-        have passed (0 = no limit; rank 0's clock decides for all ranks). Every
-        checkpoint_every iterations, `save(checkpoint_dir)`. Returns this call's metrics."""
+        """`num_iterations` MORE iterations; see `online.run_iterations`."""
         return run_iterations(
             self, num_iterations, time_limit_s, checkpoint_every, checkpoint_dir, desc="ppo"
         )

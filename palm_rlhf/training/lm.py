@@ -35,7 +35,7 @@ from ..storage.checkpoint import resolve_run_dir
 from ..tokenizers.base import ByteTokenizer, Tokenizer, check_vocabulary, encode_prompt, stop_ids
 from ..tokenizers.files import checkpoint_tokenizer, tokenizer_files
 from .config import TrainConfig
-from .runs import claim_run_dir, finish_run, read_metrics, start_run
+from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
     RUN_MARKERS,
@@ -51,8 +51,6 @@ from .step import (
     set_lr,
     write_record,
 )
-
-__all__ = ["read_metrics", "train_lm"]  # read_metrics: re-exported for existing callers
 
 
 def load_datasets(
