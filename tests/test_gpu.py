@@ -137,9 +137,8 @@ def test_lm_resume_on_cuda_restores_the_cuda_rng(tmp_path):
         eval_every=0, sample_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5,
     )  # fmt: skip
     model_config = PaLMConfig(**SMALL, dropout=0.3)
-    full = train_lm(
-        model_config, config, tmp_path / "full", show_progress=False, data=str(corpus(tmp_path))
-    )
+    data = str(corpus(tmp_path))
+    full = train_lm(model_config, config, tmp_path / "full", show_progress=False, data=data)
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(
@@ -153,7 +152,7 @@ def test_lm_resume_on_cuda_restores_the_cuda_rng(tmp_path):
         tmp_path / "resumed",
         resume=True,
         show_progress=False,
-        data=str(corpus(tmp_path)),
+        data=data,
     )
     tail = [h["loss"] for h in full if h["step"] > 2]
     assert [h["loss"] for h in resumed] == pytest.approx(tail, rel=1e-6)
