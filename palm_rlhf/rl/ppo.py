@@ -1,12 +1,13 @@
-"""PPO fine-tuning of a PaLM policy against a reward model or a Python reward function.
+"""PPO fine-tuning of a PaLM policy against a reward model and/or weighted Python reward
+functions (the score is their weighted sum, as in GRPO).
 
 Models (memory-light, RLHF checklist items 9 and 16):
 - policy = the pretrained PaLM, base frozen, plus an "actor" LoRA scope (or a full fine-tune);
 - reference = the same PaLM with adapters off: no copy of the weights (with full_finetune, a
   frozen copy);
 - critic = `ValueModel`: a trunk with its own "critic" LoRA scope and a value head. With a reward
-  model it starts as a copy of the reward model (so initial values are its scores); with a
-  reward function it shares the policy's frozen base. The scopes never share gradients.
+  model it starts as a copy of the reward model (so initial values are its scores); with
+  reward functions alone it shares the policy's frozen base. The scopes never share gradients.
 
 One iteration (`PPOTrainer.step`):
     step 1. sample prompts and generate responses with the KV cache (eval mode, dropout off)

@@ -40,7 +40,7 @@ from ..model.palm import PaLM
 from ..tokenizers.base import Tokenizer, pad_sequences
 from ..tokenizers.files import checkpoint_tokenizer
 from .config import DPOConfig, TrainConfig
-from .reward import NOT_FOR_REWARD, split_preferences
+from .reward import refuse_unused_fields, split_preferences
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
@@ -253,15 +253,14 @@ def train_dpo(
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """DPO from the PaLM checkpoint `init` on preference data; returns the logged metrics (also
-    out_dir/metrics.jsonl: step, loss, reward_accuracy, reward_margin, chosen/rejected rewards
-    and log-probs, lr, eval_reward_accuracy/margin when evaluated). `config.batch_size` counts
+    out_dir/metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s, reward_accuracy,
+    reward_margin, chosen/rejected rewards and log-probs, and eval_reward_accuracy/margin every
+    eval_every steps and at the end). `config.batch_size` counts
     prompt groups per micro-batch and process; `config.seq_len` cuts each row. The trained
     policy is out_dir (a run directory PaLM.from_pretrained reads; sample it with
     lora_scope="dpo" unless full_finetune)."""
     # step 1. processes, seeds, output, options
-    unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
-    if unused:
-        raise ValueError(f"DPO does not use TrainConfig fields {unused}; leave them out")
+    refuse_unused_fields(config, "DPO")
     dpo_config = dpo_config or DPOConfig()
     owns_accelerator = accelerator is None
     accelerator = accelerator or make_loop_accelerator(config, log_with, out_dir)

@@ -148,7 +148,8 @@ def train_lm(
     overwrite: bool = False,
     data: str | Path = "stdlib",
 ) -> list[dict[str, Any]]:
-    """Train and return the logged metric dicts (also written to out_dir/metrics.jsonl).
+    """Train and return the logged metric dicts (also written to out_dir/metrics.jsonl: step,
+    loss, lr, grad_norm, tokens_per_s, and eval_bpb every eval_every steps and at the end).
 
     data: the corpus: 'stdlib' (this Python's standard-library sources), a text file, a folder
     of text files, a .gz file or a .jsonl file (its `config.jsonl_field`); with sft, a JSONL of

@@ -68,6 +68,14 @@ from .step import (
 NOT_FOR_REWARD = ("jsonl_field", "eval_batches", "sample_every", "sample_prompt")
 
 
+def refuse_unused_fields(config: TrainConfig, stage: str) -> None:
+    """The preference loops (reward, DPO) refuse the LM-only TrainConfig fields they would
+    otherwise ignore silently."""
+    unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
+    if unused:
+        raise ValueError(f"{stage} does not use TrainConfig fields {unused}; leave them out")
+
+
 """TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
 
 
@@ -240,16 +248,12 @@ def train_reward(
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train a reward model from a PaLM checkpoint `init` on preference data; return the logged
-    metrics (also in out_dir/metrics.jsonl: step, loss, accuracy, lr, tokens_per_s,
-    eval_accuracy when evaluated). A fresh run into an out_dir holding a run is refused unless
-    resume or overwrite. `aggregate` merges several labelers' rankings of one task (see
-    `load_preferences`)."""
+    metrics (also in out_dir/metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s, accuracy,
+    and eval_accuracy every eval_every steps and at the end). A fresh run into an out_dir
+    holding a run is refused unless resume or overwrite. `aggregate` merges several labelers'
+    rankings of one task (see `load_preferences`)."""
     # step 1. processes, seeds, output, options
-    unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
-    if unused:
-        raise ValueError(
-            f"reward training does not use TrainConfig fields {unused}; leave them out"
-        )
+    refuse_unused_fields(config, "reward training")
     reward_config = reward_config or RewardConfig()
     if reward_config.max_seq_len not in (0, config.seq_len):
         raise ValueError(
