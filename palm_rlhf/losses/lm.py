@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .logprobs import TokenStats
+
 IGNORE_INDEX = -100
 
 
@@ -34,6 +36,21 @@ def shift_targets(
         keep &= loss_mask[:, 1:].bool()
     targets[~keep] = IGNORE_INDEX
     return inputs, None if mask is None else mask[:, :-1], targets
+
+
+def lm_loss_from_stats(
+    stats: TokenStats, targets: Tensor, ignore_index: int = IGNORE_INDEX, z_loss_weight: float = 0.0
+) -> Tensor:
+    """`lm_loss` from per-token statistics (`token_stats_from_hidden`: log-probs and log Z of
+    each target) instead of full logits: the mean of -log p over targets != ignore_index, plus
+    z_loss_weight * mean(log(Z)^2)."""
+    keep = targets != ignore_index
+    if not bool(keep.any()):
+        raise ValueError("no target tokens to compute a loss on (all are ignored/padding)")
+    loss = -stats.logprobs[keep].mean()
+    if z_loss_weight:
+        loss = loss + z_loss_weight * stats.log_z[keep].pow(2).mean()
+    return loss
 
 
 def lm_loss(

@@ -15,7 +15,8 @@ from beartype import beartype
 from torch import Tensor, nn
 
 from ..config import LoRAConfig, PaLMConfig
-from ..losses.lm import lm_loss, shift_targets
+from ..losses.lm import lm_loss_from_stats, shift_targets
+from ..losses.logprobs import TokenStats, token_stats_from_hidden
 from ..storage.checkpoint import load_model_dir, save_model_dir
 from ..tokenizers.files import TOKENIZER_FILES
 from .kv_cache import KVCache
@@ -70,9 +71,25 @@ class PaLM(nn.Module):
         cache: KVCache | None = None,
         lora_scope: str | None = None,
         validate_ids: bool = True,
-    ) -> Tensor:
-        return self.to_logits(
-            self.forward_hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
+        targets: Tensor | None = None,
+        temperature: float = 1.0,
+        entropy: bool = False,
+    ) -> Tensor | TokenStats:
+        """Logits (b, n, v); or, given targets (b, k), the next tokens of the LAST k positions,
+        their `TokenStats` (log-probs, log Z, entropy if asked) at `temperature`, computed
+        through the output layer in chunks so no (b, n, v) tensor exists (training and scoring
+        at a 256,000-token vocabulary). Either way the call goes through forward, so a DDP
+        wrapper's gradient hooks run."""
+        hidden = self.forward_hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
+        if targets is None:
+            return self.to_logits(hidden)
+        return token_stats_from_hidden(
+            hidden[:, hidden.shape[1] - targets.shape[1] :],
+            self.token_emb.weight,
+            targets,
+            scale=self.config.logit_scale,
+            temperature=temperature,
+            entropy=entropy,
         )
 
     def to_logits(self, hidden: Tensor) -> Tensor:
@@ -232,8 +249,8 @@ class PaLM(nn.Module):
         position (e.g. response tokens only for SFT).
         """
         inputs, input_mask, targets = shift_targets(tokens, mask, loss_mask)
-        logits = self(inputs, mask=input_mask, lora_scope=lora_scope)
-        return lm_loss(logits, targets, z_loss_weight=self.config.z_loss_weight)
+        stats = self(inputs, mask=input_mask, lora_scope=lora_scope, targets=targets)
+        return lm_loss_from_stats(stats, targets, z_loss_weight=self.config.z_loss_weight)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..data.preferences import encode_reward_rows
 from ..data.prompts import PromptRecord
 from ..generation import generate
-from ..losses.logprobs import entropy_from_logits, logprobs_from_logits
+from ..losses.logprobs import TokenStats
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer, encode_prompt, stop_ids
@@ -311,12 +311,31 @@ class RolloutEngine:
         self, sequences: Tensor, sequence_mask: Tensor, prompt_len: int, entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs (b, n) of the response tokens under the current policy, with gradients,
-        and their entropies (b, n) when asked."""
-        logits = self.policy(sequences, mask=sequence_mask, lora_scope=self.actor_scope)
-        logits = response_logits(logits, prompt_len)  # (b, n, v)
-        targets = sequences[:, prompt_len:]
-        logprobs = logprobs_from_logits(logits, targets, self.temperature)
-        return logprobs, entropy_from_logits(logits, self.temperature) if entropy else None
+        and their entropies (b, n) when asked: from the hidden states in chunks, never from
+        (b, p + n, v) logits."""
+        stats = self._response_stats(
+            self.policy, sequences, sequence_mask, prompt_len, self.actor_scope, entropy
+        )
+        return stats.logprobs, stats.entropy
+
+    def _response_stats(
+        self,
+        model: PaLM,
+        sequences: Tensor,
+        sequence_mask: Tensor,
+        prompt_len: int,
+        scope: str | None,
+        entropy: bool = False,
+    ) -> TokenStats:
+        # The last position predicts nothing: positions p - 1 .. p + n - 2 predict the response.
+        return model(
+            sequences[:, :-1],
+            mask=sequence_mask[:, :-1],
+            lora_scope=scope,
+            targets=sequences[:, prompt_len:],
+            temperature=self.temperature,
+            entropy=entropy,
+        )
 
     @torch.no_grad()
     def logprobs(
@@ -330,10 +349,8 @@ class RolloutEngine:
         for chunk in order.split(minibatch_size):
             old[chunk] = self.policy_logprobs(seq[chunk], seq_mask[chunk], p)[0]
             if ref is not None:
-                logits = self.reference(seq[chunk], mask=seq_mask[chunk])
-                ref[chunk] = logprobs_from_logits(
-                    response_logits(logits, p), seq[chunk, p:], self.temperature
-                )
+                stats = self._response_stats(self.reference, seq[chunk], seq_mask[chunk], p, None)
+                ref[chunk] = stats.logprobs
         return Trajectory(samples, old, ref)
 
 

@@ -34,7 +34,6 @@ from ..config import LoRAConfig, load_config, save_config
 from ..data.preferences import PreferenceData, PreferenceGroup, describe_skipped, load_preferences
 from ..data.sft import sft_example
 from ..losses.dpo import plackett_luce_loss, preference_metrics, ranking_dpo_loss, sequence_logprobs
-from ..losses.logprobs import logprobs_from_logits
 from ..model.lora import fold_policy_adapter, lora_parameters
 from ..model.palm import PaLM
 from ..tokenizers.base import Tokenizer, pad_sequences
@@ -90,10 +89,10 @@ def encode_policy_rows(
 
 def response_logprobs(model: nn.Module, batch: dict[str, Tensor], scope: str | None) -> Tensor:
     """(N,) log pi(response + eos | prompt) of each row, summed over its loss tokens."""
-    tokens = batch["tokens"]
-    logits = model(tokens, mask=batch["mask"], lora_scope=scope)  # (N, n, v)
-    token_logprobs = logprobs_from_logits(logits[:, :-1], tokens[:, 1:])  # (N, n - 1)
-    return sequence_logprobs(token_logprobs, batch["loss_mask"][:, 1:])
+    tokens, mask = batch["tokens"], batch["mask"]
+    # Each position predicts the next token; chunked, so no (N, n, v) logits are built.
+    stats = model(tokens[:, :-1], mask=mask[:, :-1], lora_scope=scope, targets=tokens[:, 1:])
+    return sequence_logprobs(stats.logprobs, batch["loss_mask"][:, 1:])  # (N, n - 1) summed
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import Subset
@@ -28,7 +27,7 @@ from ..config import PaLMConfig
 from ..data import corpus
 from ..data.sft import SFTDataset, collate_sft
 from ..generation import generate
-from ..losses.lm import IGNORE_INDEX, lm_loss, shift_targets
+from ..losses.lm import IGNORE_INDEX, lm_loss_from_stats, shift_targets
 from ..model.palm import PaLM
 from ..storage.atomic import read_json
 from ..storage.checkpoint import resolve_run_dir
@@ -93,9 +92,11 @@ def collate(items: list, pad_id: int) -> dict[str, Tensor]:
 
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, Tensor], z_loss_weight: float) -> Tensor:
-    """Calls the (possibly DDP-wrapped) model's forward, so gradient sync hooks run."""
+    """Calls the (possibly DDP-wrapped) model's forward, so gradient sync hooks run; the loss
+    comes from per-token statistics computed in chunks, never from (b, n, v) logits."""
     inputs, input_mask, targets = shift_targets(batch["tokens"], batch["mask"], batch["loss_mask"])
-    return lm_loss(model(inputs, mask=input_mask), targets, z_loss_weight=z_loss_weight)
+    stats = model(inputs, mask=input_mask, targets=targets)
+    return lm_loss_from_stats(stats, targets, z_loss_weight=z_loss_weight)
 
 
 @torch.no_grad()
@@ -120,14 +121,10 @@ def evaluate_bpb(
             batch["tokens"], batch["mask"], batch["loss_mask"]
         )
         with accelerator.autocast():
-            logits = model(inputs, mask=input_mask)
-        nats = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += torch.stack((nats.double(), (targets != IGNORE_INDEX).sum().double()))
+            stats = model(inputs, mask=input_mask, targets=targets)
+        keep = targets != IGNORE_INDEX
+        nats = -stats.logprobs[keep].sum()
+        total += torch.stack((nats.double(), keep.sum().double()))
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     nats_per_token = (total[0] / total[1].clamp(min=1)).item()

@@ -227,3 +227,51 @@ def test_the_float32_bound_scales_with_the_values_and_still_catches_bugs():
     assert_close_f32(logits + 10 * eps * logits.abs(), logits)  # a few roundings pass
     with pytest.raises(AssertionError):
         assert_close_f32(logits + 1e-3, logits)  # a real difference does not
+
+
+@pytest.mark.parametrize("name", ["mqa", "cohere"])
+def test_token_statistics_equal_the_full_logits_path(name):
+    """forward(..., targets=) (chunked, no (b, n, v) logits) against the logits path: log-probs,
+    entropy and log Z at a temperature, in value and in gradient, with padding and the Cohere
+    logit scale; and the model's loss (z-loss included) against lm_loss on full logits."""
+    from palm_rlhf.losses.lm import lm_loss, shift_targets
+    from palm_rlhf.losses.logprobs import entropy_from_logits, logprobs_from_logits
+
+    model = tiny_model(**CONFIGS[name], z_loss_weight=1e-2).train()
+    tokens = torch.randint(0, 40, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :3] = False  # a left-padded row
+    targets = tokens[:, 5:]  # the next tokens of the last 4 positions of tokens[:, :-1]
+
+    def full_path():
+        logits = model(tokens[:, :-1], mask=mask[:, :-1])[:, -4:]
+        return (
+            logprobs_from_logits(logits, targets, 0.7),
+            entropy_from_logits(logits, 0.7),
+            (logits.float() / 0.7).logsumexp(-1),
+        )
+
+    def chunked_path():
+        stats = model(
+            tokens[:, :-1], mask=mask[:, :-1], targets=targets, temperature=0.7, entropy=True
+        )
+        return stats.logprobs, stats.entropy, stats.log_z
+
+    results = []
+    for path in (full_path, chunked_path):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks on both paths
+        values = path()
+        (values[0].sum() + 0.5 * values[1].sum() + 0.1 * values[2].pow(2).sum()).backward()
+        results.append((values, [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (ours, our_grads) = results
+    for a, b in zip(ours, full, strict=True):
+        assert_close_f32(a, b)
+    for a, b in zip(our_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+    inputs, input_mask, shifted = shift_targets(tokens, mask)
+    torch.manual_seed(0)
+    expected = lm_loss(model(inputs, mask=input_mask), shifted, z_loss_weight=1e-2)
+    torch.manual_seed(0)
+    assert model.loss(tokens, mask).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -225,7 +225,8 @@ def never_ending(trainer: GRPOTrainer) -> None:
     """Make the policy never choose eos, so every response is truncated."""
 
     def hook(module, inputs, output):
-        output[..., TOK.eos_id] = -1e4
+        if isinstance(output, torch.Tensor):  # sampling's logits, not the training statistics
+            output[..., TOK.eos_id] = -1e4
         return output
 
     trainer.policy.register_forward_hook(hook)

@@ -300,3 +300,29 @@ def test_reward_model_and_weighted_functions_sum_into_the_score(tmp_path):
     trainer.save(tmp_path / "state")
     with pytest.raises(ValueError, match="saved with rewards"):
         build(-0.5).load(tmp_path / "state")
+
+
+def test_rollout_logprobs_from_hidden_states_equal_the_full_logits():
+    """The engine's log-probs and entropies (chunked, never (b, p + n, v) logits) equal the
+    full-logits computation at the sampling temperature, for the policy and the reference."""
+    from palm_rlhf.losses.logprobs import entropy_from_logits, logprobs_from_logits
+    from palm_rlhf.rl.rollout import response_logits
+
+    trainer = PPOTrainer(
+        policy_model(), TOK, PROMPTS, reward_fn=even_bytes, config=config(temperature=0.8),
+        show_progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        for param in trainer.actor_params:
+            param.normal_(0, 0.1)  # an adapter that changes the policy
+    samples = trainer.engine.sample(trainer.prompts[:8])
+    p, seq, mask = samples.prompt_len, samples.sequences, samples.sequence_mask
+    with torch.no_grad():
+        logprobs, entropy = trainer.engine.policy_logprobs(seq, mask, p, entropy=True)
+        logits = response_logits(trainer.policy(seq, mask=mask, lora_scope="actor"), p)
+        assert_close_f32(logprobs, logprobs_from_logits(logits, seq[:, p:], 0.8))
+        assert_close_f32(entropy, entropy_from_logits(logits, 0.8))
+        trajectory = trainer.engine.logprobs(samples, torch.arange(8), 4)
+        reference = response_logits(trainer.policy(seq, mask=mask), p)
+        assert_close_f32(trajectory.ref_logprobs, logprobs_from_logits(reference, seq[:, p:], 0.8))
+        assert not torch.allclose(trajectory.ref_logprobs, trajectory.old_logprobs)
