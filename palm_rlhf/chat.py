@@ -163,7 +163,7 @@ class ChatSession:
         self.cache.truncate(keep)
         device = self.model.token_emb.weight.device
         new = torch.tensor([ids[keep:]], device=device)
-        logits = self.model(new, cache=self.cache, lora_scope=self.lora_scope)
+        logits = self.model(new, cache=self.cache, lora_scope=self.lora_scope, last_only=True)
         self.logits, self.cached = logits[:, -1], list(ids)
         return len(ids) - keep
 

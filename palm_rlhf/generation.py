@@ -236,7 +236,7 @@ def _decode(
     cache = model.new_cache(b, max_len=p + max_new_tokens) if use_cache else None
     sequence, sequence_mask = prompt_tokens, prompt_mask
     forward = dict(lora_scope=lora_scope, validate_ids=False)
-    logits = model(prompt_tokens, mask=prompt_mask, cache=cache, **forward)[:, -1]
+    logits = model(prompt_tokens, mask=prompt_mask, cache=cache, last_only=True, **forward)[:, -1]
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_tokens.device)
     tokens, logprobs, masks = [], [], []
     for step in range(max_new_tokens):
@@ -257,7 +257,7 @@ def _decode(
         else:
             sequence = torch.cat((sequence, tokens[-1][:, None]), dim=1)
             sequence_mask = F.pad(sequence_mask, (0, 1), value=True)
-            logits = model(sequence, mask=sequence_mask, **forward)[:, -1]
+            logits = model(sequence, mask=sequence_mask, last_only=True, **forward)[:, -1]
     return tokens, logprobs, masks
 
 

@@ -74,15 +74,18 @@ class PaLM(nn.Module):
         targets: Tensor | None = None,
         temperature: float = 1.0,
         entropy: bool = False,
+        last_only: bool = False,
     ) -> Tensor | TokenStats:
         """Logits (b, n, v); or, given targets (b, k), the next tokens of the LAST k positions,
         their `TokenStats` (log-probs, log Z, entropy if asked) at `temperature`, computed
         through the output layer in chunks so no (b, n, v) tensor exists (training and scoring
         at a 256,000-token vocabulary). Either way the call goes through forward, so a DDP
-        wrapper's gradient hooks run."""
+        wrapper's gradient hooks run. last_only: the logits of the last position, (b, 1, v), all
+        a sampler reads (a prefill of a long prompt at a 256,000-token vocabulary would
+        otherwise build b x n x v logits to keep one row of them)."""
         hidden = self.forward_hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
         if targets is None:
-            return self.to_logits(hidden)
+            return self.to_logits(hidden[:, -1:] if last_only else hidden)
         return token_stats_from_hidden(
             hidden[:, hidden.shape[1] - targets.shape[1] :],
             self.token_emb.weight,

@@ -275,3 +275,14 @@ def test_token_statistics_equal_the_full_logits_path(name):
     expected = lm_loss(model(inputs, mask=input_mask), shifted, z_loss_weight=1e-2)
     torch.manual_seed(0)
     assert model.loss(tokens, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_logits():
+    """What generate's prefill reads: one row per sequence instead of (b, n, v)."""
+    model = tiny_model()
+    tokens = torch.randint(0, 40, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    last = model(tokens, mask=mask, last_only=True)
+    assert last.shape == (2, 1, 40)
+    assert_close_f32(last, model(tokens, mask=mask)[:, -1:])
