@@ -1,6 +1,10 @@
-"""Token log-probs and entropy, temperature-scaled the way the sampler was: from logits, or
-from the final hidden states through the tied output layer in chunks, so that no (b, n, v)
-tensor is ever built (`token_stats_from_hidden`).
+"""Token log-probs and entropy, temperature-scaled the way the sampler was.
+
+Every stage computes them from the final hidden states through the tied output layer in chunks,
+so that no (b, n, v) tensor is ever built (`token_stats_from_hidden`). `logprobs_from_logits`
+and `entropy_from_logits` are the plain definitions on full logits: no stage calls them any
+more; they stay as the reference the chunked path is tested against, and for callers who do
+hold logits.
 
 Shapes: b = batch, n = response length, v = vocabulary, d = model width.
 """

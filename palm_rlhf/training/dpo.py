@@ -54,6 +54,7 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    to_device,
     write_record,
 )
 
@@ -110,7 +111,7 @@ def reference_logprobs(
     out: list[Tensor] = []
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in encode_policy_rows(chunk, tokenizer, seq_len).items()}
+        batch = to_device(encode_policy_rows(chunk, tokenizer, seq_len), device)
         logps = response_logprobs(reference, batch, None).cpu()
         out.extend(logps[batch["group"].cpu() == i] for i in range(len(chunk)))
     return out
@@ -162,7 +163,7 @@ def _batch(
 ) -> dict[str, Tensor]:
     batch = encode_policy_rows(groups, tokenizer, seq_len)
     batch["ref_logps"] = torch.cat(refs)
-    return {k: v.to(device) for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 @torch.no_grad()

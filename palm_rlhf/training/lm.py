@@ -48,6 +48,7 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    to_device,
     write_record,
 )
 
@@ -116,7 +117,7 @@ def evaluate_bpb(
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
     for start in range(0, len(mine), config.batch_size):
         batch = collate([dataset[i] for i in mine[start : start + config.batch_size]], pad_id)
-        batch = {k: (v.to(accelerator.device) if v is not None else None) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         inputs, input_mask, targets = shift_targets(
             batch["tokens"], batch["mask"], batch["loss_mask"]
         )
@@ -234,9 +235,7 @@ def train_lm(
         for first, forward_context in micro_batches(step, config, accelerator, model):
             rows = [train_set[i] for i in schedule.items(first, config.batch_size)]
             batch = collate(rows, tokenizer.pad_id)
-            batch = {
-                k: (v.to(accelerator.device) if v is not None else None) for k, v in batch.items()
-            }
+            batch = to_device(batch, accelerator.device)
             with forward_context:
                 loss = micro_batch_loss(model, batch, model_config.z_loss_weight)
             accelerator.backward(loss / config.grad_accum)

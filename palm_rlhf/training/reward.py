@@ -62,6 +62,7 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    to_device,
     write_record,
 )
 
@@ -77,10 +78,6 @@ def refuse_unused_fields(config: TrainConfig, stage: str) -> None:
 
 
 """TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
-
-
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def join_rows(
@@ -151,7 +148,9 @@ def scored_batches(
     """(scores (N,), encoded batch) for `groups`, `batch_size` groups at a time; call it under
     no_grad with the model in eval mode."""
     for start in range(0, len(groups), batch_size):
-        batch = _to(encode_groups(groups[start : start + batch_size], tokenizer, seq_len), device)
+        batch = to_device(
+            encode_groups(groups[start : start + batch_size], tokenizer, seq_len), device
+        )
         yield model(batch["tokens"], batch["mask"]), batch
 
 
@@ -323,10 +322,14 @@ def train_reward(
             groups = ratings = None
             if group_schedule is not None:
                 batch = [train_groups[i] for i in group_schedule.items(first, rows)]
-                groups = _to(encode_groups(batch, tokenizer, config.seq_len), accelerator.device)
+                groups = to_device(
+                    encode_groups(batch, tokenizer, config.seq_len), accelerator.device
+                )
             if rating_schedule is not None:
                 batch = [train_ratings[i] for i in rating_schedule.items(first, rows)]
-                ratings = _to(encode_ratings(batch, tokenizer, config.seq_len), accelerator.device)
+                ratings = to_device(
+                    encode_ratings(batch, tokenizer, config.seq_len), accelerator.device
+                )
             with forward_context:
                 loss, correct, pairs = step_loss(
                     model, groups, ratings, reward_config, tokenizer.pad_id

@@ -85,6 +85,12 @@ class WindowSchedule:
         ]
 
 
+def to_device(batch: dict[str, Tensor | None], device: torch.device) -> dict[str, Tensor | None]:
+    """A collated batch on the device its loop trains on (None entries, e.g. a packed LM batch's
+    absent masks, stay None)."""
+    return {key: None if value is None else value.to(device) for key, value in batch.items()}
+
+
 def make_loop_accelerator(
     config: TrainConfig, log_with: str | list[str] | None, out_dir: str | Path
 ) -> Accelerator:
