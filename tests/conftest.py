@@ -82,3 +82,28 @@ def two_process_launch() -> list[str]:
         "--main_process_port",
         str(port),
     ]
+
+
+def count_checkpointed_blocks(monkeypatch) -> list[int]:
+    """Patch the model's activation checkpoint with a counting wrapper; the list grows by one
+    per checkpointed block call (a stage's --activation-checkpointing must reach its model)."""
+    from palm_rlhf.model import palm as palm_module
+
+    calls: list[int] = []
+    original = palm_module.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(palm_module, "checkpoint", counted)
+    return calls
+
+
+def assert_same_run(first: list[dict], second: list[dict], keys: tuple[str, ...]) -> None:
+    """Two runs' metric records agree on `keys` to a relative 1e-5 (losses and gradient norms
+    of runs that must compute the same numbers by different means)."""
+    assert len(first) == len(second) and first
+    for a, b in zip(first, second, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)

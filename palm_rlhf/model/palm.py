@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from beartype import beartype
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import LoRAConfig, PaLMConfig
 from ..losses.lm import lm_loss_from_stats, shift_targets
@@ -50,6 +51,9 @@ class PaLM(nn.Module):
         # empty: the byte tokenizer). They travel with the model: every checkpoint saved from
         # it holds them, so no stage can pair the weights with another vocabulary.
         self.tokenizer_files: dict[str, str] = {}
+        # Recompute each block's activations in backward instead of keeping them (a training
+        # choice, not the architecture: not in the config, off by default).
+        self.activation_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -134,10 +138,21 @@ class PaLM(nn.Module):
         rotary = self.rotary(positions)
 
         x = self.token_emb(tokens)  # (b, n, d)
+        # Only a pass that will run backward keeps activations worth dropping; a cached pass
+        # (generation) is always without gradients and writes the cache as it goes.
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for index, block in enumerate(self.blocks):
             cache_layer = cache.layer(index) if cache is not None else None
             attn_mask, is_causal = masks[block.attention]
-            x = block(x, rotary, attn_mask, is_causal, cache_layer, past, lora_scope)
+            if recompute:
+                # Non-reentrant: works with autocast, LoRA scopes, inputs without gradients
+                # (a frozen embedding) and FSDP2, and keeps only x for each block.
+                x = checkpoint(
+                    block, x, rotary, attn_mask, is_causal, None, past, lora_scope,
+                    use_reentrant=False,
+                )  # fmt: skip
+            else:
+                x = block(x, rotary, attn_mask, is_causal, cache_layer, past, lora_scope)
         if cache is not None:
             cache.advance(mask)
         return self.norm(x)
@@ -234,6 +249,13 @@ class PaLM(nn.Module):
         return allowed | (key_pos == query_pos), False
 
     # ----------------------------------------------------------------------------- helpers
+
+    def set_activation_checkpointing(self, enabled: bool) -> PaLM:
+        """Per block, keep only the block's input in a forward with gradients and recompute
+        the rest in backward: activation memory of one block instead of all of them, for about
+        a third more compute. Gradients are the same as without it."""
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.token_emb.weight

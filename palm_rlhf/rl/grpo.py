@@ -117,6 +117,7 @@ class GRPOTrainer:
         self.policy = policy
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         actor = setup_actor(policy, config.full_finetune, lora)
+        policy.set_activation_checkpointing(config.activation_checkpointing)
         self.reference, self.actor_scope, self.actor_params = actor
         self.optimizer = torch.optim.AdamW(self.actor_params, lr=config.lr, weight_decay=0.0)
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)

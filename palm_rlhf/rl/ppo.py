@@ -175,6 +175,8 @@ class PPOTrainer:
         if trunk is not policy:
             trunk.requires_grad_(False)
         self.critic = ValueModel(trunk, head, lora)
+        for model in (policy, trunk):  # the reward model runs without gradients
+            model.set_activation_checkpointing(config.activation_checkpointing)
         self.actor_params, self.critic_params = actor.params, self.critic.trainable_parameters()
         # Only the actor's and the critic's own parameters train; a shared base stays frozen.
         for param in [*self.actor_params, *self.critic_params]:

@@ -101,6 +101,15 @@ def save_rl_state(
     accelerator.wait_for_everyone()
 
 
+# Fields that change how a step is computed but not its result: a resume may change them (turn
+# on activation checkpointing to fit a longer run), and a state saved before they existed loads.
+RESULT_NEUTRAL_FIELDS = ("activation_checkpointing",)
+
+
+def _results_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
+
+
 def load_rl_state(
     directory: str | Path,
     prefix: str,
@@ -116,7 +125,8 @@ def load_rl_state(
     if not (directory / f"{prefix}_state.json").is_file():
         raise FileNotFoundError(f"{directory}: no {prefix.upper()} state to resume")
     saved_config = read_json(directory / f"{prefix}_config.json")
-    if saved_config != json.loads(json.dumps(asdict(config))):
+    wanted = json.loads(json.dumps(asdict(config)))
+    if _results_config(saved_config) != _results_config(wanted):
         name = type(config).__name__
         raise ValueError(f"{directory}: saved with a different {name}: {saved_config}")
     weights = load_safetensors(directory / WEIGHTS_NAME)

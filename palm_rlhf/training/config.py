@@ -40,6 +40,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (autocast through accelerate, which fixes it once per process)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them: activation
+    memory of one block instead of all, for about a third more compute; same gradients."""
     eval_every: int = 200
     """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
     eval_batches: int = 8

@@ -303,6 +303,7 @@ def train_dpo(
     if reference is not policy:
         del reference  # a full copy: free it, its log-probs are cached
     scope = None if dpo_config.full_finetune else SCOPE
+    policy.set_activation_checkpointing(config.activation_checkpointing)
     optimizer = make_optimizer(policy, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(policy, optimizer)

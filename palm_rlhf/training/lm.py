@@ -207,6 +207,7 @@ def train_lm(
         model = PaLM(model_config)
         model.tokenizer_files = tokenizer_files(tokenizer)  # saved with every checkpoint
     model.train()
+    model.set_activation_checkpointing(config.activation_checkpointing)
     optimizer = make_optimizer(model, config)
     if latest is not None:
         start_step = checkpoints.restore(latest, optimizer, accelerator)

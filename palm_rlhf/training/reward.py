@@ -298,6 +298,7 @@ def train_reward(
         )
     freeze_untrained_heads(model, bool(train_groups), bool(train_ratings))
     model.train()
+    model.trunk.set_activation_checkpointing(config.activation_checkpointing)
     optimizer = make_optimizer(model, config)
     start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -7,7 +7,9 @@ from conftest import assert_close_f32, float32_bound, tiny_config, tiny_model
 from einops import rearrange
 
 from palm_rlhf import PaLM, lm_loss
+from palm_rlhf.config import LoRAConfig
 from palm_rlhf.losses.lm import IGNORE_INDEX
+from palm_rlhf.model import palm as palm_module
 
 CONFIGS = {
     "mqa": {},
@@ -286,3 +288,63 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits():
     last = model(tokens, mask=mask, last_only=True)
     assert last.shape == (2, 1, 40)
     assert_close_f32(last, model(tokens, mask=mask)[:, -1:])
+
+
+@pytest.mark.parametrize("lora_scope", [None, "adapter"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora_scope):
+    """Recomputing each block in backward must not change a number: the gradients of every
+    trained tensor (base or adapter, with padding and sliding layers) equal those without it.
+    Catches a checkpointed call that drops the mask, the LoRA scope or the rotary tables."""
+    model = tiny_model(layer_types=("sliding", "full"), sliding_window=3)
+    if lora_scope:
+        model.add_lora(lora_scope, LoRAConfig(rank=4, alpha=8.0))
+        with torch.no_grad():  # adapters start at zero: make them count
+            for name, param in model.named_parameters():
+                if "adapters" in name:
+                    param.normal_(0, 0.1)
+    tokens = torch.randint(0, model.config.num_tokens, (3, 9))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    targets = tokens[:, 1:]
+
+    def run(enabled: bool):
+        model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(enabled)
+        stats = model(tokens[:, :-1], mask[:, :-1], lora_scope=lora_scope, targets=targets)
+        loss = -(stats.logprobs * mask[:, 1:]).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    calls = []
+    original = palm_module.checkpoint
+    palm_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        loss_on, grads_on = run(True)
+    finally:
+        palm_module.checkpoint = original
+    loss_off, grads_off = run(False)
+    assert len(calls) == model.config.depth  # every block went through the checkpoint
+    assert_close_f32(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys() and grads_on
+    if lora_scope:
+        assert all("adapters" in n for n in grads_on)
+    for name in grads_off:
+        assert_close_f32(grads_on[name], grads_off[name])
+
+
+def test_activation_checkpointing_is_skipped_without_gradients_and_with_a_cache():
+    model = tiny_model().set_activation_checkpointing(True)
+    tokens = torch.randint(0, model.config.num_tokens, (2, 5))
+    calls = []
+    original = palm_module.checkpoint
+    palm_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            plain = model(tokens)
+        cache = model.new_cache(2)
+        cached = model(tokens, cache=cache)
+    finally:
+        palm_module.checkpoint = original
+    assert calls == []
+    assert_close_f32(cached.detach(), plain)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_same_run, count_checkpointed_blocks, tiny_model
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.data.prompts import PromptRecord
@@ -342,3 +342,12 @@ def test_resume_refuses_other_reward_weights(tmp_path):
     trainer.save(tmp_path / "state")
     with pytest.raises(ValueError, match="same rewards and weights"):
         trainer_for(reward_fns=[("a", share_of_a, 2.0)]).load(tmp_path / "state")
+
+
+def test_activation_checkpointing_trains_the_same_run(monkeypatch):
+    calls = count_checkpointed_blocks(monkeypatch)
+    runs = []
+    for enabled in (False, True):
+        runs.append(trainer_for(activation_checkpointing=enabled).train(2))
+        assert bool(calls) == enabled
+    assert_same_run(*runs, keys=("score_mean", "policy_loss", "kl_ref", "kl_k3", "clip_frac_low"))

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_f32, tiny_model
+from conftest import assert_close_f32, assert_same_run, count_checkpointed_blocks, tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.model.reward import RewardConfig, RewardModel
@@ -326,3 +326,27 @@ def test_rollout_logprobs_from_hidden_states_equal_the_full_logits():
         reference = response_logits(trainer.policy(seq, mask=mask), p)
         assert_close_f32(trajectory.ref_logprobs, logprobs_from_logits(reference, seq[:, p:], 0.8))
         assert not torch.allclose(trajectory.ref_logprobs, trajectory.old_logprobs)
+
+
+@pytest.mark.parametrize("with_reward_model", [False, True])
+def test_activation_checkpointing_trains_the_same_run(monkeypatch, with_reward_model):
+    """Actor and critic (on the policy's base, or on the reward model's trunk) recompute their
+    blocks in backward and train exactly as without it."""
+    calls = count_checkpointed_blocks(monkeypatch)
+    runs = []
+    for enabled in (False, True):
+        reward = {"reward_fn": even_bytes}
+        if with_reward_model:
+            torch.manual_seed(1)
+            reward = {"reward_model": RewardModel(policy_model(seed=1), RewardConfig())}
+        trainer = PPOTrainer(
+            policy_model(),
+            TOK,
+            PROMPTS,
+            config=config(activation_checkpointing=enabled),
+            show_progress=False,
+            **reward,
+        )
+        runs.append(trainer.train(2))
+        assert bool(calls) == enabled
+    assert_same_run(*runs, keys=METRICS + ("policy_loss",))

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close_f32, float32_bound
+from conftest import assert_close_f32, assert_same_run, count_checkpointed_blocks, float32_bound
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.data.preferences import PreferenceGroup, load_preferences
@@ -279,3 +279,14 @@ def test_a_missing_init_or_bad_data_writes_nothing(tmp_path, init):
     with pytest.raises(ValueError):
         train_dpo(init, bad, config(bad), out_dir=tmp_path / "b", show_progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_activation_checkpointing_trains_the_same_run(init, data, tmp_path, monkeypatch):
+    calls = count_checkpointed_blocks(monkeypatch)
+    runs = []
+    for enabled in (False, True):
+        settings = config(data, steps=3, log_every=1, activation_checkpointing=enabled)
+        out = tmp_path / f"run{enabled}"
+        runs.append(train_dpo(init, data, settings, out_dir=out, show_progress=False))
+        assert bool(calls) == enabled
+    assert_same_run(*runs, keys=("loss", "grad_norm"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import assert_same_run, count_checkpointed_blocks, two_process_launch
 
 from palm_rlhf import ByteTokenizer, PaLM
 from palm_rlhf.config import PaLMConfig
@@ -344,3 +344,20 @@ def test_overwrite_never_deletes_the_runs_own_input(tmp_path):
     assert (out / "policy" / "config.json").exists()
     claim_run_dir(out, ["policy"], False, True, inputs=[tmp_path / "elsewhere"])
     assert not (out / "policy").exists()
+
+
+def test_activation_checkpointing_trains_the_same_run(corpus, tmp_path, monkeypatch):
+    calls = count_checkpointed_blocks(monkeypatch)
+    runs = []
+    for enabled in (False, True):
+        runs.append(
+            train_lm(
+                tiny_model_config(),
+                quick_config(steps=3, activation_checkpointing=enabled),
+                tmp_path / f"run{enabled}",
+                show_progress=False,
+                data=str(corpus),
+            )
+        )
+        assert bool(calls) == enabled
+    assert_same_run(*runs, keys=("loss", "grad_norm"))

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_same_run, count_checkpointed_blocks
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.model.reward import RewardConfig, RewardModel
@@ -186,3 +187,15 @@ def test_heldout_split_covers_ratings_too(tmp_path):
     assert held and train
     assert not held & {r.prompt for r in train_ratings}
     assert {r.prompt for r in train_ratings} == {g.prompt for g in train}
+
+
+def test_activation_checkpointing_trains_the_same_run(trunk, tmp_path, monkeypatch):
+    data = write_groups(tmp_path / "groups.jsonl", shuffle_labels=False, count=40)
+    calls = count_checkpointed_blocks(monkeypatch)
+    runs = []
+    for enabled in (False, True):
+        settings = config(data, steps=3, log_every=1, activation_checkpointing=enabled)
+        out = tmp_path / f"run{enabled}"
+        runs.append(train_reward(trunk, data, settings, out_dir=out, show_progress=False))
+        assert bool(calls) == enabled
+    assert_same_run(*runs, keys=("loss", "grad_norm"))
