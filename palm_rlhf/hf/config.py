@@ -1,9 +1,11 @@
 """Hugging Face `config.json` <-> `PaLMConfig` for the Cohere and Cohere2 families.
 
-Every key of a Cohere config is either mapped, checked against the one value we can express,
-or known to leave the model's function unchanged (`IGNORED_KEYS`); any other key is refused by
-name. A key we do not understand might change the model, and a silently wrong model is the
-one outcome a conversion must never have.
+Every key of a Cohere config is either mapped, checked against the one value we can express
+(`REQUIRED_VALUES`), checked against the layer pattern it restates (`PATTERN_KEYS`), or known to
+leave the model's function unchanged (`IGNORED_KEYS`, `PARALLELISM_KEYS`); any other key is
+refused by name. The files the hub publishes (Command R v01 to Command A, Aya, tiny-aya) all
+import: tests/hf/test_hub_configs.py. A key we do not understand might change the model, and a
+silently wrong model is the one outcome a conversion must never have.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ IGNORED_KEYS = frozenset(
     }
 )  # fmt: skip
 
+# How Cohere's own training code split the model across devices; transformers reads neither,
+# and both values of use_parallel_embedding appear in published files of the same architecture
+# (Command R7B true, tiny-aya false). pretraining_tp (Command R v01) slices the same matrix
+# products into pieces in Llama's code; Cohere's modelling never reads it, so no value of it
+# changes the model. Each is still checked for the type of value it must have.
+PARALLELISM_KEYS = {"pretraining_tp": int, "use_parallel_embedding": bool}
+
 # Keys older Cohere2 configs carry (Command R7B, written by transformers 4.48) that describe
 # exactly what transformers builds anyway; any other value would be another model.
 REQUIRED_VALUES = {
@@ -49,7 +58,16 @@ REQUIRED_VALUES = {
     "use_embedding_sharing": True,
     "order_of_interleaved_layers": "local_attn_first",
     "mlp_bias": False,
+    "use_parallel_block": True,  # attention and feed-forward read the same normalised input
 }
+# Cohere2 has no qk-norm; its files (tiny-aya) may still say so.
+REQUIRED_VALUES_BY_TYPE = {"cohere": {}, "cohere2": {"use_qk_norm": False}}
+
+# Cohere2 keys that restate the layer pattern: every n-th layer is full attention, the others
+# sliding. transformers derives layer_types from `sliding_window_pattern` when the file has no
+# layer_types, and otherwise reads none of them; each must agree with the layer types.
+PATTERN_KEYS = ("sliding_window_pattern", "_sliding_window_pattern", "layer_switch")
+DEFAULT_SLIDING_WINDOW_PATTERN = 4  # transformers' Cohere2Config, when the file says nothing
 
 MAPPED_KEYS = {
     "cohere": frozenset(
@@ -76,7 +94,7 @@ MAPPED_KEYS = {
 MAPPED_KEYS["cohere2"] = (MAPPED_KEYS["cohere"] - {"use_qk_norm"}) | {
     "sliding_window",
     "layer_types",
-    "sliding_window_pattern",
+    *PATTERN_KEYS,
 }
 
 
@@ -97,16 +115,24 @@ def palm_config_from_hf(hf: dict[str, Any]) -> PaLMConfig:
     architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
     if architectures != [ARCHITECTURES[model_type]]:
         raise _refuse("architectures", f"{architectures} is not [{ARCHITECTURES[model_type]!r}]")
-    unknown = sorted(set(hf) - IGNORED_KEYS - set(REQUIRED_VALUES) - MAPPED_KEYS[model_type])
+    required = {**REQUIRED_VALUES, **REQUIRED_VALUES_BY_TYPE[model_type]}
+    known = IGNORED_KEYS | set(PARALLELISM_KEYS) | set(required) | MAPPED_KEYS[model_type]
+    unknown = sorted(set(hf) - known)
     if unknown:
         raise _refuse(
             ", ".join(unknown),
             f"unsupported option(s) for model_type {model_type!r}; converting would risk a "
             "model that computes something else",
         )
-    for key, wanted in REQUIRED_VALUES.items():
+    for key, wanted in required.items():
         if key in hf and hf[key] != wanted:
             raise _refuse(key, f"{hf[key]!r} is not supported (only {wanted!r})")
+    for key, kind in PARALLELISM_KEYS.items():
+        value = hf.get(key)
+        wrong_kind = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if key in hf and (wrong_kind or (kind is int and value < 1)):
+            wanted = "a positive int" if kind is int else "true or false"
+            raise _refuse(key, f"must be {wanted}, got {value!r}")
     heads, dim = _int(hf, "num_attention_heads"), _int(hf, "hidden_size")
     depth = _int(hf, "num_hidden_layers")
     dim_head = hf.get("head_dim") or dim // heads
@@ -163,12 +189,25 @@ def _attention_layout(hf: dict[str, Any], model_type: str, depth: int) -> dict[s
         return {}
     types = hf.get("layer_types")
     if types is None:  # transformers 4.48's form: every pattern-th layer is full
-        pattern = hf.get("sliding_window_pattern", 4)
-        types = [
-            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(depth)
-        ]
-    if len(types) != depth or set(types) - {"sliding_attention", "full_attention"}:
+        types = _pattern_layer_types(
+            "sliding_window_pattern",
+            hf.get("sliding_window_pattern", DEFAULT_SLIDING_WINDOW_PATTERN),
+            depth,
+        )
+    if (
+        not isinstance(types, list)
+        or len(types) != depth
+        or set(types) - {"sliding_attention", "full_attention"}
+    ):
         raise _refuse("layer_types", f"needs {depth} of 'sliding_attention'/'full_attention'")
+    for key in PATTERN_KEYS:
+        if key in hf and _pattern_layer_types(key, hf[key], depth) != types:
+            full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+            raise _refuse(
+                key,
+                f"{hf[key]!r} says every {hf[key]}th layer is full attention, but the layer "
+                f"types make layers {full} full; the file contradicts itself",
+            )
     window = hf.get("sliding_window")
     sliding = [t == "sliding_attention" for t in types]
     if any(sliding) and not (isinstance(window, int) and window > 0):
@@ -178,6 +217,13 @@ def _attention_layout(hf: dict[str, Any], model_type: str, depth: int) -> dict[s
         "sliding_window": window if any(sliding) else None,
         "rotary_layers": tuple(sliding),
     }
+
+
+def _pattern_layer_types(key: str, pattern: Any, depth: int) -> list[str]:
+    """transformers' derivation: layer i is full attention when (i + 1) % pattern == 0."""
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 1:
+        raise _refuse(key, f"must be a positive int, got {pattern!r}")
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(depth)]
 
 
 def hf_config_from_palm(config: PaLMConfig, token_ids: dict[str, Any], dtype: str) -> dict:
