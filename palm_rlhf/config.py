@@ -28,6 +28,10 @@ T = TypeVar("T")
 # Validation helpers, written once for every config dataclass: errors name the field.
 
 
+# The dtypes a LoRA stage can keep its frozen base in; "stored" keeps the checkpoint's.
+BASE_DTYPE_CHOICES = ("stored", "float32", "bfloat16", "float16")
+
+
 def check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{field}: {message}")

@@ -106,10 +106,14 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
 
 
 def can_pack_weights(model: PaLM) -> bool:
+    """MKL's packed float32 GEMM applies: float32 weights on the CPU, and no autocast (which
+    would hand the packed product bf16 inputs; PPO/GRPO sample under it with bf16 mixed
+    precision)."""
     weight = model.token_emb.weight
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkl.is_available()
         and hasattr(torch.ops.mkl, "_mkl_linear")
     )

@@ -107,3 +107,14 @@ def assert_same_run(first: list[dict], second: list[dict], keys: tuple[str, ...]
     for a, b in zip(first, second, strict=True):
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test that changes mixed precision needs it
+    cleared before and after (a real run sets it once per process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

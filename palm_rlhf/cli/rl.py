@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data.prompts import read_prompts
 from ..model.lora import fold_policy_adapter
 from ..model.palm import PaLM
@@ -158,11 +156,13 @@ def run_grpo(args: argparse.Namespace) -> None:
         reward_path, reward_weight = parse_reward_checkpoint(args.reward)
         if not math.isfinite(reward_weight):
             raise ValueError(f"--reward {args.reward!r}: weight must be finite")
-        reward_model = RewardModel.from_pretrained(reward_path, dtype=torch.float32)
+        # As stored: the trainer keeps frozen weights so (or in --base-dtype) and trains in
+        # float32; no float32 copy of a bf16 checkpoint is ever made.
+        reward_model = RewardModel.from_pretrained(reward_path)
         inputs.append(reward_path)
-    policy = PaLM.from_pretrained(args.policy, dtype=torch.float32)
+    policy = PaLM.from_pretrained(args.policy)
     fold_policy_adapter(policy)  # a policy with several scopes is refused here, not later
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, config.mixed_precision)
     claim_run_dir(args.out, GRPO_RUN_MARKERS, args.resume, args.overwrite, accelerator, inputs)
     trainer = GRPOTrainer(
         policy,
@@ -273,7 +273,8 @@ def run_ppo(args: argparse.Namespace) -> None:
     state_dir = args.out / "ppo_state"
     if args.resume and not (state_dir / "ppo_state.json").is_file():
         raise FileNotFoundError(f"--resume: {state_dir} holds no PPO state (ppo_state.json)")
-    accelerator = make_accelerator(args)
+    config = dataclass_from_args(PPOConfig, args)
+    accelerator = make_accelerator(args, config.mixed_precision)
     claim_run_dir(
         args.out,
         PPO_RUN_MARKERS,
@@ -282,13 +283,13 @@ def run_ppo(args: argparse.Namespace) -> None:
         accelerator,
         inputs=(args.policy, args.reward),
     )
-    policy = PaLM.from_pretrained(args.policy, dtype=torch.float32)
+    policy = PaLM.from_pretrained(args.policy)  # as stored, like grpo's
     trainer = PPOTrainer(
         policy,
         load_tokenizer(policy.tokenizer_files),
         prompts,
-        reward_model=RewardModel.from_pretrained(args.reward, dtype=torch.float32),
-        config=dataclass_from_args(PPOConfig, args),
+        reward_model=RewardModel.from_pretrained(args.reward),
+        config=config,
         accelerator=accelerator,
         out_dir=args.out,
         overwrite=args.overwrite,

@@ -77,7 +77,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--log-with", default=None, help="accelerate tracker, e.g. tensorboard or wandb"
     )
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
+    # Pretraining and SFT train every weight: no frozen base to keep in another dtype.
+    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)", skip=("base_dtype",))
     add_dataclass_options(
         parser,
         PaLMConfig,

@@ -28,7 +28,11 @@ class LoRAAdapter(nn.Module):
         self.scaling = config.alpha / config.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.down), self.up) * self.scaling
+        # The adapter trains in its own precision (float32) on a base kept in its stored one
+        # (bf16): read the input in the adapter's dtype and hand the result back in the input's.
+        # Under autocast both products run in the autocast dtype anyway.
+        delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
+        return delta.to(x.dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.up @ self.down) * self.scaling

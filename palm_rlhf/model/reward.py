@@ -84,8 +84,17 @@ def pool_last(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     return hidden[torch.arange(b, device=hidden.device), last]  # (b, d)
 
 
+class LinearHead(nn.Linear):
+    """A trained linear head (score, rating, value) on a trunk of any precision: the head keeps
+    float32 weights and reads the hidden states in its own dtype (a bf16 base stays bf16)."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return super().forward(hidden.to(self.weight.dtype))
+
+
 def _new_head(dim: int, outputs: int, like: Tensor) -> nn.Linear:
-    head = nn.Linear(dim, outputs, device=like.device, dtype=like.dtype)
+    """A float32 head on the trunk's device, whatever the trunk's dtype."""
+    head = LinearHead(dim, outputs, device=like.device, dtype=torch.float32)
     # std 1 / sqrt(d_model + 1), as in Ziegler et al. 2019 (lm-human-preferences) and
     # Stiennon et al. 2020: the initial scores have roughly unit variance.
     nn.init.normal_(head.weight, std=1.0 / math.sqrt(dim + 1))

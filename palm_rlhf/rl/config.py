@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check, check_choice, check_ints, check_numbers
+from ..config import BASE_DTYPE_CHOICES, check, check_choice, check_ints, check_numbers
 from ..losses.grpo import LOSS_TYPES, SCALE_REWARDS
 
 
@@ -70,6 +70,13 @@ class PPOConfig:
     copy, and the critic gets its own copy of the trunk)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 disables)."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16': sampling, scoring and the training passes under bf16 autocast (through
+    accelerate, which fixes it once per process)."""
+    base_dtype: str = "stored"
+    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
+    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
+    (pretrain, SFT, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
@@ -101,6 +108,8 @@ class PPOConfig:
             self, ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"), strict=False
         )
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        check_choice(self, "mixed_precision", ("no", "bf16"))
+        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
 
 
@@ -175,6 +184,13 @@ class GRPOConfig:
     """Train every policy weight (the reference is then a frozen copy)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 disables)."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16': sampling, scoring and the training passes under bf16 autocast (through
+    accelerate, which fixes it once per process)."""
+    base_dtype: str = "stored"
+    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
+    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
+    (pretrain, SFT, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
@@ -219,6 +235,8 @@ class GRPOConfig:
         )
         check(self.clip < 1, "clip", f"must be < 1, got {self.clip}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        check_choice(self, "mixed_precision", ("no", "bf16"))
+        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check(
             0 <= self.overlong_buffer <= self.max_new_tokens,
             "overlong_buffer",

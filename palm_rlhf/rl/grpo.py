@@ -60,8 +60,10 @@ from .online import (
     RewardSpec,
     make_engine,
     make_generators,
+    online_accelerator,
     reward_sources,
     run_iterations,
+    set_online_dtypes,
     setup_actor,
     trainable_tensors,
 )
@@ -105,7 +107,7 @@ class GRPOTrainer:
         self.config = config = config or GRPOConfig()
         self.tokenizer, self.prompts = tokenizer, as_records(prompts)
         rewards = reward_sources(reward_model, reward_model_weight, reward_fns)
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = online_accelerator(accelerator, config.mixed_precision)
         self.show_progress = show_progress
         files = [METRICS_NAME, SAMPLES_NAME]
         self.run = OnlineRun("grpo", files, self.accelerator, out_dir, overwrite)
@@ -119,11 +121,15 @@ class GRPOTrainer:
         actor = setup_actor(policy, config.full_finetune, lora)
         policy.set_activation_checkpointing(config.activation_checkpointing)
         self.reference, self.actor_scope, self.actor_params = actor
+        models = [policy, self.reference, reward_model]
+        set_online_dtypes(models, self.actor_params, config.base_dtype, config.full_finetune)
         self.optimizer = torch.optim.AdamW(self.actor_params, lr=config.lr, weight_decay=0.0)
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)
         self.iteration, self.prompt_cursor = 0, 0
         self.generator, self.shuffle_generator = make_generators(config.seed, self.accelerator)
-        self.engine = make_engine(policy, actor, tokenizer, rewards, self.generator, config)
+        self.engine = make_engine(
+            policy, actor, tokenizer, rewards, self.generator, config, self.accelerator
+        )
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- sampling

@@ -5,6 +5,8 @@
 - `setup_actor`: the policy the checkpoint holds (an adapter it carries folded in), its
   reference (the same base with adapters off; with full_finetune, a frozen copy) and the
   parameters that train (the "actor" LoRA scope, or every weight);
+- `online_accelerator` and `set_online_dtypes`: the accelerator at the config's precision, and
+  trained parameters in float32 beside a frozen base kept as stored;
 - `make_generators` and `make_engine`: the per-process sampling and shuffling generators and the
   `RolloutEngine` built from a trainer's config;
 - `OnlineRun`: the run directory (its JSONL files claimed once, continued on resume) and the
@@ -33,6 +35,7 @@ from ..model.reward import RewardModel
 from ..progress import progress_kwargs
 from ..tokenizers.base import Tokenizer
 from ..training.runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
+from ..training.step import FULL_FINETUNE_BASE_DTYPE, set_training_dtypes
 from .rollout import RewardFn, RewardSources, RolloutEngine
 from .run_state import load_rl_state, save_rl_state
 
@@ -85,6 +88,34 @@ def setup_actor(policy: PaLM, full_finetune: bool, lora: LoRAConfig) -> Actor:
     return Actor(policy, ACTOR, policy.add_lora(ACTOR, lora))  # add_lora freezes the base
 
 
+def online_accelerator(accelerator: Accelerator | None, mixed_precision: str) -> Accelerator:
+    """The trainer's accelerator: the one given, which must run at the config's precision (an
+    accelerator fixes it once per process), or a new one at that precision."""
+    if accelerator is None:
+        return Accelerator(mixed_precision=mixed_precision)
+    if accelerator.mixed_precision != mixed_precision:
+        raise ValueError(
+            f"mixed_precision: the config asks for {mixed_precision!r}, the accelerator given "
+            f"runs at {accelerator.mixed_precision!r}; make it with "
+            f"Accelerator(mixed_precision={mixed_precision!r})"
+        )
+    return accelerator
+
+
+def set_online_dtypes(
+    models: Sequence[nn.Module | None], trained: Sequence[nn.Parameter], base_dtype: str,
+    full_finetune: bool,
+) -> None:  # fmt: skip
+    """Trained parameters (actor, critic, heads) in float32; every frozen weight of the given
+    models (policy base, reference, critic trunk, reward model) as stored, or in base_dtype.
+    One call over every model, since models share modules (a critic on the policy's base)."""
+    if full_finetune and base_dtype != "stored":
+        raise ValueError(FULL_FINETUNE_BASE_DTYPE)
+    for model in models:
+        if model is not None:
+            set_training_dtypes(model, trained, base_dtype)
+
+
 class SamplingConfig(Protocol):
     """The config fields the rollout engine reads (PPOConfig and GRPOConfig both have them)."""
 
@@ -113,6 +144,7 @@ def make_engine(
     rewards: RewardSources,
     generator: torch.Generator,
     config: SamplingConfig,
+    accelerator: Accelerator,
 ) -> RolloutEngine:
     return RolloutEngine(
         policy,
@@ -126,6 +158,7 @@ def make_engine(
         temperature=config.temperature,
         no_eos_penalty=config.no_eos_penalty,
         score_clip=config.score_clip,
+        autocast=accelerator.autocast,
     )
 
 

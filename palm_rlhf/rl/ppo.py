@@ -54,7 +54,7 @@ from ..losses.ppo import (
 )
 from ..model.lora import lora_parameters, merge_lora, remove_lora
 from ..model.palm import PaLM
-from ..model.reward import RewardModel
+from ..model.reward import LinearHead, RewardModel
 from ..tokenizers.base import Tokenizer
 from ..training.step import WindowSchedule
 from .config import PPOConfig
@@ -63,8 +63,10 @@ from .online import (
     RewardSpec,
     make_engine,
     make_generators,
+    online_accelerator,
     reward_sources,
     run_iterations,
+    set_online_dtypes,
     setup_actor,
     trainable_tensors,
 )
@@ -139,7 +141,7 @@ class PPOTrainer:
         ]
         rewards = reward_sources(reward_model, reward_model_weight, functions)
         self.reward_model = reward_model
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = online_accelerator(accelerator, config.mixed_precision)
         self.show_progress = show_progress
         self.run = OnlineRun("ppo", [METRICS_NAME], self.accelerator, out_dir, overwrite)
         torch.manual_seed(config.seed)
@@ -168,8 +170,7 @@ class PPOTrainer:
             reward_model.eval().requires_grad_(False)
         else:
             trunk = copy.deepcopy(policy) if config.full_finetune else policy
-            weight = policy.token_emb.weight
-            head = nn.Linear(policy.config.dim, 1, device=device, dtype=weight.dtype)
+            head = LinearHead(policy.config.dim, 1, device=device, dtype=torch.float32)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         if trunk is not policy:
@@ -178,9 +179,13 @@ class PPOTrainer:
         for model in (policy, trunk):  # the reward model runs without gradients
             model.set_activation_checkpointing(config.activation_checkpointing)
         self.actor_params, self.critic_params = actor.params, self.critic.trainable_parameters()
-        # Only the actor's and the critic's own parameters train; a shared base stays frozen.
-        for param in [*self.actor_params, *self.critic_params]:
+        # Only the actor's and the critic's own parameters train, in float32; a shared base
+        # stays frozen, in the dtype it was stored in (or base_dtype).
+        trained = [*self.actor_params, *self.critic_params]
+        for param in trained:
             param.requires_grad_(True)
+        models = [policy, self.reference, self.critic, reward_model]
+        set_online_dtypes(models, trained, config.base_dtype, config.full_finetune)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": self.actor_params, "lr": config.lr},
@@ -197,7 +202,9 @@ class PPOTrainer:
         self.iteration = 0
         self.generator, self.shuffle_generator = make_generators(config.seed, self.accelerator)
         self.history: list[dict[str, Any]] = []
-        self.engine = make_engine(policy, actor, tokenizer, rewards, self.generator, config)
+        self.engine = make_engine(
+            policy, actor, tokenizer, rewards, self.generator, config, self.accelerator
+        )
 
     # ----------------------------------------------------------------------------- rollout
 
@@ -216,7 +223,8 @@ class PPOTrainer:
         sequences, sequence_mask = samples.sequences, samples.sequence_mask
         values = torch.zeros_like(trajectory.old_logprobs)
         for chunk in order.split(config.minibatch_size):
-            critic_out = self.critic(sequences[chunk], sequence_mask[chunk])[..., None]
+            with self.accelerator.autocast():
+                critic_out = self.critic(sequences[chunk], sequence_mask[chunk])[..., None]
             values[chunk] = response_logits(critic_out, p)[..., 0]
         # step 4. rewards, advantages
         mask, scores = samples.response_mask, samples.scores
@@ -267,7 +275,9 @@ class PPOTrainer:
                     mask,
                     config.clip,
                 )
-                values = response_logits(self.critic(seq, seq_mask)[..., None], p)[..., 0]
+                with self.accelerator.autocast():
+                    critic_out = self.critic(seq, seq_mask)[..., None]
+                values = response_logits(critic_out, p)[..., 0]
                 value_loss, value_stats = ppo_value_loss(
                     values,
                     experience.values[chunk],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -147,6 +148,7 @@ class RolloutEngine:
         temperature: float,
         no_eos_penalty: float = float("nan"),
         score_clip: float = 0.0,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         reward_model = rewards.reward_model
         if (
@@ -160,6 +162,9 @@ class RolloutEngine:
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.temperature = temperature
         self.no_eos_penalty, self.score_clip = no_eos_penalty, score_clip
+        # Every forward pass (sampling, scoring, log-probs) runs under this: the trainer's
+        # mixed precision (accelerator.autocast), or nothing.
+        self.autocast = autocast
         # A response ends at eos or at any other stop id (a chat model's end-of-turn token).
         self.stop_ids = stop_ids(tokenizer)
         self._stops = torch.tensor(self.stop_ids, device=policy.token_emb.weight.device)
@@ -180,22 +185,24 @@ class RolloutEngine:
         records = [r for r in as_records(records) for _ in range(group_size)]
         prompts = [r.prompt for r in records]
         prompt_rows = [encode_prompt(tok, p, self.max_prompt_tokens) for p in prompts]
-        out = generate(
-            self.policy,
-            prompt_rows,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            eos_id=self.stop_ids,
-            pad_id=tok.pad_id,
-            generator=self.generator,
-            lora_scope=self.actor_scope,
-        )
+        with self.autocast():
+            out = generate(
+                self.policy,
+                prompt_rows,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                eos_id=self.stop_ids,
+                pad_id=tok.pad_id,
+                generator=self.generator,
+                lora_scope=self.actor_scope,
+            )
         mask = out.mask
         stopped = self.stopped(out.tokens)
         ended = stopped.any(dim=1)
         text = mask & ~stopped
         responses = [tok.decode(t[m]) for t, m in zip(out.tokens, text, strict=True)]
-        parts, scores = self.score(records, responses, out.tokens, mask, prompt_rows)
+        with self.autocast():
+            parts, scores = self.score(records, responses, out.tokens, mask, prompt_rows)
         device = self.policy.token_emb.weight.device
         group = torch.arange(len(records) // group_size, device=device).repeat_interleave(
             group_size
@@ -328,14 +335,15 @@ class RolloutEngine:
         entropy: bool = False,
     ) -> TokenStats:
         # The last position predicts nothing: positions p - 1 .. p + n - 2 predict the response.
-        return model(
-            sequences[:, :-1],
-            mask=sequence_mask[:, :-1],
-            lora_scope=scope,
-            targets=sequences[:, prompt_len:],
-            temperature=self.temperature,
-            entropy=entropy,
-        )
+        with self.autocast():
+            return model(
+                sequences[:, :-1],
+                mask=sequence_mask[:, :-1],
+                lora_scope=scope,
+                targets=sequences[:, prompt_len:],
+                temperature=self.temperature,
+                entropy=entropy,
+            )
 
     @torch.no_grad()
     def logprobs(

@@ -126,6 +126,9 @@ def load_rl_state(
         raise FileNotFoundError(f"{directory}: no {prefix.upper()} state to resume")
     saved_config = read_json(directory / f"{prefix}_config.json")
     wanted = json.loads(json.dumps(asdict(config)))
+    # A field added since the state was saved reads as its default: the run had that behaviour.
+    defaults = json.loads(json.dumps(asdict(type(config)())))
+    saved_config = {**{k: v for k, v in defaults.items() if k not in saved_config}, **saved_config}
     if _results_config(saved_config) != _results_config(wanted):
         name = type(config).__name__
         raise ValueError(f"{directory}: saved with a different {name}: {saved_config}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import check, check_choice, check_ints
+from ..config import BASE_DTYPE_CHOICES, check, check_choice, check_ints
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (autocast through accelerate, which fixes it once per process)."""
+    base_dtype: str = "stored"
+    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
+    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
+    (pretrain, SFT, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
@@ -84,6 +88,7 @@ class TrainConfig:
         check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         check_choice(self, "mixed_precision", ("no", "bf16"))
+        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
 
 

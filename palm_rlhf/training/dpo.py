@@ -43,6 +43,7 @@ from .reward import refuse_unused_fields, split_preferences
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
+    FULL_FINETUNE_BASE_DTYPE,
     RUN_MARKERS,
     MetricWindow,
     WindowSchedule,
@@ -54,6 +55,7 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    set_training_dtypes,
     to_device,
     write_record,
 )
@@ -206,19 +208,23 @@ def evaluate_preferences(
     }
 
 
-def _starting_policy(init: str | Path) -> PaLM:
+def _starting_policy(init: str | Path, dtype: torch.dtype | None) -> PaLM:
     """init as the policy it holds: an adapter it carries (a PPO/GRPO run's "actor") merged."""
-    policy = PaLM.from_pretrained(init, dtype=torch.float32)  # float32 master weights
+    policy = PaLM.from_pretrained(init, dtype=dtype)
     fold_policy_adapter(policy)
     return policy
 
 
-def _policy(init: str | Path, latest: Path | None, config: DPOConfig) -> tuple[PaLM, PaLM]:
+def _policy(
+    init: str | Path, latest: Path | None, config: DPOConfig, base_dtype: str
+) -> tuple[PaLM, PaLM]:
     """(policy, reference): the policy from the latest checkpoint when resuming, else from init;
     with LoRA the reference is the policy itself (adapters off), else a frozen copy of init.
-    Both in eval mode: dropout stays off, as it was for the cached reference (checklist 5)."""
+    Both in eval mode: dropout stays off, as it was for the cached reference (checklist 5).
+    A full fine-tune trains float32 master weights; LoRA keeps the base as stored (or in
+    base_dtype) and its adapter in float32."""
     if config.full_finetune:
-        reference = _starting_policy(init)
+        reference = _starting_policy(init, torch.float32)
         policy = (
             PaLM.from_pretrained(latest, dtype=torch.float32)
             if latest is not None
@@ -227,13 +233,15 @@ def _policy(init: str | Path, latest: Path | None, config: DPOConfig) -> tuple[P
         return policy.requires_grad_(True).eval(), reference.requires_grad_(False).eval()
     if latest is not None:
         # its base is init's, merged; its adapter is ours
-        policy = PaLM.from_pretrained(latest, dtype=torch.float32)
+        policy = PaLM.from_pretrained(latest)
     else:
-        policy = _starting_policy(init)
+        policy = _starting_policy(init, None)
         policy.add_lora(SCOPE, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha))
     policy.requires_grad_(False)
-    for param in lora_parameters(policy, SCOPE):
+    adapter = lora_parameters(policy, SCOPE)
+    for param in adapter:
         param.requires_grad_(True)
+    set_training_dtypes(policy, adapter, base_dtype)
     return policy.eval(), policy
 
 
@@ -290,7 +298,9 @@ def train_dpo(
         saved = load_config(DPOConfig, latest / "dpo_config.json")
         if saved != dpo_config:
             raise ValueError(f"{latest}: saved with a different DPOConfig: {saved}")
-    policy, reference = _policy(init, latest, dpo_config)
+    if dpo_config.full_finetune and config.base_dtype != "stored":
+        raise ValueError(FULL_FINETUNE_BASE_DTYPE)
+    policy, reference = _policy(init, latest, dpo_config, config.base_dtype)
     policy.to(accelerator.device)
     reference.to(accelerator.device)
     rows = config.batch_size

@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
+    FULL_FINETUNE_BASE_DTYPE,
     RUN_MARKERS,
     MetricWindow,
     WindowSchedule,
@@ -159,6 +160,8 @@ def train_lm(
     checkpoints first).
     """
     # step 1. processes, output folder, seeds
+    if config.base_dtype != "stored":
+        raise ValueError(f"{FULL_FINETUNE_BASE_DTYPE} (pretraining and SFT train every weight)")
     owns_accelerator = accelerator is None
     accelerator = accelerator or make_loop_accelerator(config, log_with, out_dir)
     out_dir = Path(out_dir)

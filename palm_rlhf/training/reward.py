@@ -51,6 +51,7 @@ from .config import TrainConfig
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
+    FULL_FINETUNE_BASE_DTYPE,
     RUN_MARKERS,
     MetricWindow,
     WindowSchedule,
@@ -62,11 +63,13 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    set_training_dtypes,
     to_device,
     write_record,
 )
 
 NOT_FOR_REWARD = ("jsonl_field", "eval_batches", "sample_every", "sample_prompt")
+"""TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
 
 
 def refuse_unused_fields(config: TrainConfig, stage: str) -> None:
@@ -75,9 +78,6 @@ def refuse_unused_fields(config: TrainConfig, stage: str) -> None:
     unused = [f for f in NOT_FOR_REWARD if getattr(config, f) != getattr(TrainConfig(), f)]
     if unused:
         raise ValueError(f"{stage} does not use TrainConfig fields {unused}; leave them out")
-
-
-"""TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
 
 
 def join_rows(
@@ -287,16 +287,23 @@ def train_reward(
     # step 3. model and optimizer: from the PaLM checkpoint, or resumed
     latest = checkpoints.latest() if resume else None
     # float32 master weights whatever the checkpoint stores (mixed_precision bf16 autocasts)
+    # A full fine-tune trains float32 master weights; LoRA keeps the frozen base as stored
+    # (bf16 stays bf16, no float32 copy), or in base_dtype; adapters and heads train in float32.
+    full = reward_config.lora_rank == 0
+    if full and config.base_dtype != "stored":
+        raise ValueError(FULL_FINETUNE_BASE_DTYPE)
+    load_dtype = torch.float32 if full else None
     model = (
-        RewardModel.from_pretrained(latest, dtype=torch.float32)
+        RewardModel.from_pretrained(latest, dtype=load_dtype)
         if latest is not None
-        else RewardModel.from_palm_checkpoint(init, reward_config, dtype=torch.float32)
+        else RewardModel.from_palm_checkpoint(init, reward_config, dtype=load_dtype)
     )
     if latest is not None and model.config != reward_config:
         raise ValueError(
             f"{latest}: reward config {model.config} does not match the requested {reward_config}"
         )
     freeze_untrained_heads(model, bool(train_groups), bool(train_ratings))
+    set_training_dtypes(model, model.trainable_parameters(), config.base_dtype)
     model.train()
     model.trunk.set_activation_checkpointing(config.activation_checkpointing)
     optimizer = make_optimizer(model, config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+BASE_DTYPES = {
+    "stored": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+FULL_FINETUNE_BASE_DTYPE = (
+    "base_dtype: a full fine-tune trains every weight, in float32 master weights; base_dtype "
+    "is the frozen base's dtype in a LoRA stage"
+)
+
+
+def set_training_dtypes(
+    model: nn.Module, trained: Iterable[nn.Parameter], base_dtype: str = "stored"
+) -> None:
+    """Trained parameters in float32 (master weights: an optimizer step in bf16 loses small
+    updates) and every other one, the frozen base, in `base_dtype` ("stored": as the checkpoint
+    holds it, so a bf16 base stays bf16 and is never copied to float32). Cast tensor by tensor,
+    in place of the old one; parameters keep their identity (an optimizer may already hold
+    them)."""
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"base_dtype: {base_dtype!r} is not one of {sorted(BASE_DTYPES)}")
+    trained_ids = {id(p) for p in trained}
+    for param in model.parameters():
+        wanted = torch.float32 if id(param) in trained_ids else BASE_DTYPES[base_dtype]
+        if wanted is not None and param.dtype != wanted:
+            param.data = param.data.to(wanted)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:

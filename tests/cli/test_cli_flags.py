@@ -157,6 +157,7 @@ SPECIAL = {
     "--prompt": lambda root, sub: "b",
     "--response": lambda root, sub: "s",
     "--mixed-precision": lambda root, sub: "bf16",
+    "--base-dtype": lambda root, sub: "bfloat16",
     "--log-with": lambda root, sub: "tensorboard",
     "--lora-scope": lambda root, sub: "actor",
     "--device": lambda root, sub: "meta",

@@ -238,17 +238,6 @@ def test_sft_from_a_pretrained_checkpoint(corpus, tmp_path):
     assert 0 < history[-1]["eval_bpb"] < 8.5
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a test that changes mixed precision needs it
-    cleared before and after (a real run sets it once per process)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_autocast_trains(corpus, tmp_path, fresh_accelerate_state):
     history = train_lm(
         tiny_model_config(),
