@@ -18,7 +18,7 @@ from ..model.reward import RewardModel
 from ..plot import write_ppo_curves
 from ..rl.config import GRPOConfig, PPOConfig
 from ..rl.grpo import GRPOTrainer
-from ..rl.online import reward_functions
+from ..rl.online import load_reward_model, reward_functions
 from ..rl.ppo import PPOTrainer
 from ..tokenizers.files import load_tokenizer
 from ..training.config import DPOConfig
@@ -156,13 +156,14 @@ def run_grpo(args: argparse.Namespace) -> None:
         reward_path, reward_weight = parse_reward_checkpoint(args.reward)
         if not math.isfinite(reward_weight):
             raise ValueError(f"--reward {args.reward!r}: weight must be finite")
-        # As stored: the trainer keeps frozen weights so (or in --base-dtype) and trains in
-        # float32; no float32 copy of a bf16 checkpoint is ever made.
-        reward_model = RewardModel.from_pretrained(reward_path)
         inputs.append(reward_path)
+    # As stored: the trainer keeps frozen weights so (or in --base-dtype) and trains in
+    # float32; no float32 copy of a bf16 checkpoint is ever made.
     policy = PaLM.from_pretrained(args.policy)
     fold_policy_adapter(policy)  # a policy with several scopes is refused here, not later
     accelerator = make_accelerator(args, config.mixed_precision)
+    if args.reward is not None:
+        reward_model = load_shared_reward(reward_path, policy, args.policy, config, accelerator)
     claim_run_dir(args.out, GRPO_RUN_MARKERS, args.resume, args.overwrite, accelerator, inputs)
     trainer = GRPOTrainer(
         policy,
@@ -284,17 +285,32 @@ def run_ppo(args: argparse.Namespace) -> None:
         inputs=(args.policy, args.reward),
     )
     policy = PaLM.from_pretrained(args.policy)  # as stored, like grpo's
+    fold_policy_adapter(policy)  # a policy with several scopes is refused here, not later
+    reward_model = load_shared_reward(args.reward, policy, args.policy, config, accelerator)
     trainer = PPOTrainer(
         policy,
         load_tokenizer(policy.tokenizer_files),
         prompts,
-        reward_model=RewardModel.from_pretrained(args.reward),
+        reward_model=reward_model,
         config=config,
         accelerator=accelerator,
         out_dir=args.out,
         overwrite=args.overwrite,
     )
     run_online_stage(trainer, args, state_dir, "ppo")
+
+
+def load_shared_reward(
+    reward_dir: Path, policy: PaLM, policy_dir: Path, config: Any, accelerator: Any
+) -> RewardModel:
+    """`online.load_reward_model`: on the policy's own base when they share it, else on its own
+    trunk with a printed notice of what that costs."""
+    reward_model, notice = load_reward_model(
+        reward_dir, policy, policy_dir, share_base=not config.full_finetune
+    )
+    if notice and accelerator.is_main_process:
+        print(f"note: {notice}")
+    return reward_model
 
 
 def run_online_stage(trainer: Any, args: argparse.Namespace, state_dir: Path, stage: str) -> None:
@@ -316,7 +332,10 @@ def run_online_stage(trainer: Any, args: argparse.Namespace, state_dir: Path, st
     trainer.save(state_dir)
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
-        trainer.policy.save_pretrained(args.out / "policy")
+        # The policy alone: its actor scope, not the critic and reward scopes that may share
+        # its base.
+        actor = [trainer.actor_scope] if trainer.actor_scope is not None else []
+        trainer.policy.save_pretrained(args.out / "policy", scopes=actor)
         history = read_metrics(args.out / f"{stage}_metrics.jsonl")
         plots = write_ppo_curves(history, args.out, title=f"palm-rlhf {stage}", stage=stage)
         last = history[-1]

@@ -9,6 +9,7 @@ policy for free: the same weights with adapters off, no copy (RLHF checklist ite
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -134,13 +135,14 @@ def remove_lora(model: nn.Module, scope: str) -> None:
     del _registry(model)[scope]
 
 
-def fold_policy_adapter(policy: nn.Module) -> str | None:
+def fold_policy_adapter(policy: nn.Module, keep: Collection[str] = ()) -> str | None:
     """Merge the one adapter scope a starting policy carries (a DPO run's "dpo", a GRPO run's
     "actor") into its base weights and return its name. A forward applies one scope at a time,
     so an unmerged adapter would silently not apply: RL would start from, and measure its KL
     against, the bare base instead of the policy the checkpoint holds. Several scopes are
-    ambiguous (each is an alternative, not a sum) and refused."""
-    scopes = sorted(policy.lora_configs)
+    ambiguous (each is an alternative, not a sum) and refused. keep: scopes that are not the
+    policy's (a reward model's, on the policy's shared base), left as they are."""
+    scopes = sorted(set(policy.lora_configs) - set(keep))
     if len(scopes) > 1:
         raise ValueError(
             f"the policy carries several adapter scopes {scopes}; merge the one to start from "
@@ -149,3 +151,18 @@ def fold_policy_adapter(policy: nn.Module) -> str | None:
     if scopes:
         merge_lora(policy, scopes[0])
     return scopes[0] if scopes else None
+
+
+@torch.no_grad()
+def copy_scope(model: nn.Module, source: str, target: str) -> None:
+    """Copy the adapter weights of scope `source` into scope `target` (same rank) in every
+    layer that has both: a PPO critic that starts as the reward model's own scope."""
+    copied = 0
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and source in module.adapters:
+            if target not in module.adapters:
+                raise ValueError(f"scope {target!r} is missing where {source!r} is")
+            module.adapters[target].load_state_dict(module.adapters[source].state_dict())
+            copied += 1
+    if not copied:
+        raise ValueError(f"no layer has the LoRA scope {source!r}")

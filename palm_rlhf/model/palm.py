@@ -6,6 +6,7 @@ v vocabulary. Masks: True = real token.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,24 @@ from torch.utils.checkpoint import checkpoint
 from ..config import LoRAConfig, PaLMConfig
 from ..losses.lm import lm_loss_from_stats, shift_targets
 from ..losses.logprobs import TokenStats, token_stats_from_hidden
-from ..storage.checkpoint import load_model_dir, save_model_dir
+from ..storage.atomic import read_json
+from ..storage.checkpoint import load_model_dir, resolve_run_dir, save_model_dir
+from ..storage.safetensors import tensor_digest
 from ..tokenizers.files import TOKENIZER_FILES
 from .kv_cache import KVCache
 from .layers import ParallelBlock, Rotary
 from .lora import add_lora, check_scope
 
 CHECKPOINT_JSON = ("config.json", "lora.json")  # the JSON files of a PaLM checkpoint
+BASE_JSON = "base.json"  # the base weights' digest (written by every save; optional on load)
+BASE_DIGEST_COVERS = "every tensor but the LoRA adapters: names, dtypes, shapes and bytes"
+
+
+def read_base_digest(directory: str | Path) -> str | None:
+    """The base weights' digest a checkpoint (or a run directory's latest) records, read
+    without its weights; None for a checkpoint written before digests were."""
+    path = resolve_run_dir(Path(directory)) / BASE_JSON
+    return read_json(path).get("digest") if path.is_file() else None
 
 
 class PaLM(nn.Module):
@@ -287,17 +299,41 @@ class PaLM(nn.Module):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, scopes: Collection[str] | None = None) -> None:
         """Write config.json (+ lora.json), model.safetensors and the tokenizer's files,
-        atomically."""
-        save_model_dir(directory, self.state_dict(), self.checkpoint_json())
+        atomically. scopes: the adapter scopes to keep (None: all); a PPO policy that shares
+        its base with the critic and reward scopes saves only its actor."""
+        state = self.state_dict()
+        if scopes is not None:
+            dropped = [f".adapters.{s}." for s in self.lora_configs if s not in scopes]
+            state = {n: t for n, t in state.items() if not any(d in n for d in dropped)}
+        save_model_dir(directory, state, self.checkpoint_json(scopes))
 
-    def checkpoint_json(self) -> dict[str, Any]:
+    def checkpoint_json(self, scopes: Collection[str] | None = None) -> dict[str, Any]:
         """The files of a checkpoint of this model besides its weights (name -> JSON object,
-        or text written as it is; None = not written)."""
-        lora = {name: cfg.__dict__ for name, cfg in self.lora_configs.items()}
+        or text written as it is; None = not written). base.json holds the base weights'
+        digest: a later stage tells from the files alone whether two checkpoints share their
+        base (PPO then holds one trunk for every role)."""
+        lora = {
+            name: cfg.__dict__
+            for name, cfg in self.lora_configs.items()
+            if scopes is None or name in scopes
+        }
         tokenizer = {name: self.tokenizer_files.get(name) for name in TOKENIZER_FILES}
-        return {"config.json": self.config.to_dict(), "lora.json": lora or None, **tokenizer}
+        return {
+            "config.json": self.config.to_dict(),
+            "lora.json": lora or None,
+            BASE_JSON: {"digest": self.base_digest(), "of": BASE_DIGEST_COVERS},
+            **tokenizer,
+        }
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        """The base weights: every tensor of the state dict but the LoRA adapters'."""
+        return {n: t for n, t in self.state_dict().items() if ".adapters." not in n}
+
+    def base_digest(self) -> str:
+        """`tensor_digest` of the base weights (names, dtypes, shapes and bytes)."""
+        return tensor_digest(self.base_tensors())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> PaLM:

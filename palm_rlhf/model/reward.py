@@ -24,8 +24,10 @@ import torch
 from beartype import beartype
 from torch import Tensor, nn
 
-from ..config import LoRAConfig, check, check_ints, check_numbers, config_from_dict
-from ..storage.checkpoint import load_model_dir, save_model_dir
+from ..config import LoRAConfig, PaLMConfig, check, check_ints, check_numbers, config_from_dict
+from ..storage.atomic import read_json
+from ..storage.checkpoint import WEIGHTS_NAME, load_model_dir, resolve_run_dir, save_model_dir
+from ..storage.safetensors import load_safetensors
 from ..tokenizers.files import TOKENIZER_FILES
 from .lora import lora_parameters
 from .palm import CHECKPOINT_JSON, PaLM
@@ -246,6 +248,50 @@ class RewardModel(nn.Module):
 
         names = (*CHECKPOINT_JSON, "reward_config.json")
         return load_model_dir(directory, build, names, dtype, TOKENIZER_FILES)
+
+    @classmethod
+    def from_pretrained_on(cls, directory: str | Path, trunk: PaLM) -> RewardModel:
+        """The LoRA reward model saved in `directory`, on `trunk`, which must hold the same base
+        weights (compare `read_base_digest(directory)` with `trunk.base_digest()` first): only
+        the reward scope, the heads and the score normalisation are read from the file, so a
+        policy and its reward model share one base in memory. The scope joins the trunk's
+        others (a policy's actor); the trunk's tokenizer must be the checkpoint's."""
+        directory = resolve_run_dir(Path(directory))
+        files = {}
+        for name in (*CHECKPOINT_JSON, "reward_config.json", *TOKENIZER_FILES):
+            path = directory / name
+            if path.is_file():  # tokenizer files stay text, as `tokenizer_files` holds them
+                text = name in TOKENIZER_FILES
+                files[name] = path.read_text(encoding="utf-8") if text else read_json(path)
+        if "reward_config.json" not in files:
+            raise ValueError(f"{directory}: no reward_config.json (not a reward model)")
+        config = RewardConfig.from_dict(files["reward_config.json"])
+        if config.lora_rank == 0:
+            raise ValueError(f"{directory}: a fully fine-tuned reward model has its own trunk")
+        if PaLMConfig.from_dict(files["config.json"]) != trunk.config:
+            raise ValueError(f"{directory}: the reward model's architecture is not the trunk's")
+        saved_tokenizer = {n: files[n] for n in TOKENIZER_FILES if n in files}
+        if saved_tokenizer != trunk.tokenizer_files:
+            raise ValueError(f"{directory}: the reward model reads another tokenizer")
+        saved_scope = (files.get("lora.json") or {}).get(REWARD_SCOPE) or {}
+        if (saved_scope.get("rank"), saved_scope.get("alpha")) != (
+            config.lora_rank,
+            config.lora_alpha,
+        ):
+            raise ValueError(f"{directory}: lora.json does not describe the {REWARD_SCOPE!r} scope")
+        model = cls(trunk, config)
+        scope = f".adapters.{REWARD_SCOPE}."
+
+        def own(name: str) -> bool:  # the reward model's tensors, not the shared base's
+            return not name.startswith("trunk.") or scope in name
+
+        state = load_safetensors(directory / WEIGHTS_NAME, keep=own)
+        expected = {name for name in model.state_dict() if own(name)}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{directory}: reward tensors missing {missing}, unexpected {extra}")
+        model.load_state_dict(state, strict=False)  # copies into the trunk's device and dtypes
+        return model
 
     @classmethod
     def from_palm_checkpoint(

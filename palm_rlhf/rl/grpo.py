@@ -118,7 +118,7 @@ class GRPOTrainer:
             reward_model.to(device).eval().requires_grad_(False)
         self.policy = policy
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
-        actor = setup_actor(policy, config.full_finetune, lora)
+        actor = setup_actor(policy, config.full_finetune, lora, reward_model)
         policy.set_activation_checkpointing(config.activation_checkpointing)
         self.reference, self.actor_scope, self.actor_params = actor
         models = [policy, self.reference, reward_model]

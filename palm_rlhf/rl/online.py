@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from ..config import LoRAConfig
 from ..model.lora import fold_policy_adapter
-from ..model.palm import PaLM
+from ..model.palm import PaLM, read_base_digest
 from ..model.reward import RewardModel
 from ..progress import progress_kwargs
+from ..storage.atomic import read_json
+from ..storage.checkpoint import resolve_run_dir
 from ..tokenizers.base import Tokenizer
 from ..training.runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
 from ..training.step import FULL_FINETUNE_BASE_DTYPE, set_training_dtypes
@@ -77,10 +79,20 @@ class Actor(NamedTuple):
     params: list[nn.Parameter]
 
 
-def setup_actor(policy: PaLM, full_finetune: bool, lora: LoRAConfig) -> Actor:
+def setup_actor(
+    policy: PaLM, full_finetune: bool, lora: LoRAConfig, reward_model: RewardModel | None = None
+) -> Actor:
     """Start from the policy the checkpoint holds (a PPO/GRPO/DPO adapter it carries merged in);
-    with LoRA the reference is the same module with adapters off, so no weight is copied."""
-    fold_policy_adapter(policy)
+    with LoRA the reference is the same module with adapters off, so no weight is copied. A
+    reward model on the policy's own base (`load_reward_model`) keeps its scope unmerged."""
+    shared = reward_model is not None and reward_model.trunk is policy
+    if shared and full_finetune:
+        raise ValueError(
+            "full_finetune: the policy's base is the reward model's trunk here, and a full "
+            "fine-tune would change the reward; load the reward model on its own trunk "
+            "(RewardModel.from_pretrained)"
+        )
+    fold_policy_adapter(policy, keep=[reward_model.lora_scope] if shared else [])
     if full_finetune:
         # eval(): dropout off in the reference too (checklist 5)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -114,6 +126,40 @@ def set_online_dtypes(
     for model in models:
         if model is not None:
             set_training_dtypes(model, trained, base_dtype)
+
+
+def load_reward_model(
+    directory: str | Path, policy: PaLM, policy_dir: str | Path | None = None,
+    share_base: bool = True,
+) -> tuple[RewardModel, str | None]:  # fmt: skip
+    """The reward model saved in `directory`, and a notice when it costs a second trunk.
+
+    When it is a LoRA scope on the policy's base weights (the digest its checkpoint records
+    equals the policy's) and share_base (the policy's base stays frozen: LoRA, not a full
+    fine-tune), it is loaded onto the policy itself: one base in memory for policy, reference,
+    reward and (PPO) critic. Otherwise it gets its own trunk, and the notice says why and what
+    that costs. policy_dir: the checkpoint the policy came from, whose recorded digest spares
+    hashing the policy when it was loaded unchanged (as stored, no adapter folded in).
+    """
+    reward_config = read_json(resolve_run_dir(Path(directory)) / "reward_config.json")
+    saved = read_base_digest(directory)
+    if not share_base:
+        why = "the policy trains every weight (full_finetune), so it cannot share its base"
+    elif reward_config.get("lora_rank", 0) == 0:
+        why = "the reward model is fully fine-tuned, not a LoRA scope"
+    elif saved is None:
+        why = "its checkpoint records no base digest (saved by an older palm_rlhf)"
+    else:
+        recorded = read_base_digest(policy_dir) if policy_dir is not None else None
+        # An adapter the policy checkpoint carried was folded into the base: hash what is held.
+        lora_json = resolve_run_dir(Path(policy_dir or ".")) / "lora.json"
+        unchanged = recorded is not None and not lora_json.is_file()
+        if saved == (recorded if unchanged else policy.base_digest()):
+            return RewardModel.from_pretrained_on(directory, policy), None
+        why = "its base weights differ from the policy's"
+    reward_model = RewardModel.from_pretrained(directory)
+    size = sum(t.numel() * t.element_size() for t in reward_model.trunk.base_tensors().values())
+    return reward_model, f"the reward model gets its own trunk ({why}): {size / 1e9:.2f} GB more"
 
 
 class SamplingConfig(Protocol):

@@ -52,7 +52,7 @@ from ..losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from ..model.lora import lora_parameters, merge_lora, remove_lora
+from ..model.lora import copy_scope, lora_parameters, merge_lora, remove_lora
 from ..model.palm import PaLM
 from ..model.reward import LinearHead, RewardModel
 from ..tokenizers.base import Tokenizer
@@ -154,10 +154,19 @@ class PPOTrainer:
 
         # Policy and reference: one base; the reference is the base with adapters off.
         self.policy = policy
-        actor = setup_actor(policy, config.full_finetune, lora)
+        actor = setup_actor(policy, config.full_finetune, lora, reward_model)
         self.reference, self.actor_scope = actor.reference, actor.scope
         # Critic: from the reward model where there is one, else on the policy's frozen base.
-        if reward_model is not None:
+        # One base for every role when the reward model is a scope on the policy's own base
+        # (`online.load_reward_model`): the critic is one more scope there, a copy of the
+        # reward scope, with the reward's head; no second trunk exists.
+        self.shared_base = reward_model is not None and reward_model.trunk is policy
+        if self.shared_base:  # (setup_actor refused a full fine-tune of the shared base)
+            trunk = policy
+            lora = policy.lora_configs[reward_model.lora_scope]  # the copy keeps its rank
+            head = normalized_head(reward_model)
+            reward_model.eval().requires_grad_(False)
+        elif reward_model is not None:
             trunk = copy.deepcopy(reward_model.trunk)
             # The critic computes what the reward model computes: its own scope folded in,
             # any other scope the trunk carries (never applied by the reward model) dropped.
@@ -176,6 +185,8 @@ class PPOTrainer:
         if trunk is not policy:
             trunk.requires_grad_(False)
         self.critic = ValueModel(trunk, head, lora)
+        if self.shared_base:
+            copy_scope(policy, reward_model.lora_scope, CRITIC)
         for model in (policy, trunk):  # the reward model runs without gradients
             model.set_activation_checkpointing(config.activation_checkpointing)
         self.actor_params, self.critic_params = actor.params, self.critic.trainable_parameters()

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..model.palm import PaLM
 from ..progress import progress_kwargs
 from .config import TrainConfig
 from .runs import append_jsonl, rank0_decides
@@ -69,17 +70,24 @@ def set_training_dtypes(
     model: nn.Module, trained: Iterable[nn.Parameter], base_dtype: str = "stored"
 ) -> None:
     """Trained parameters in float32 (master weights: an optimizer step in bf16 loses small
-    updates) and every other one, the frozen base, in `base_dtype` ("stored": as the checkpoint
-    holds it, so a bf16 base stays bf16 and is never copied to float32). Cast tensor by tensor,
-    in place of the old one; parameters keep their identity (an optimizer may already hold
-    them)."""
+    updates), and the frozen base of every PaLM in `model` (its weights but the adapters) in
+    `base_dtype` ("stored": as the checkpoint holds it, so a bf16 base stays bf16 and is never
+    copied to float32). Frozen adapters and heads (a reward model's) keep their own dtype. Cast
+    tensor by tensor, in place of the old one; parameters keep their identity (an optimizer
+    may already hold them)."""
     if base_dtype not in BASE_DTYPES:
         raise ValueError(f"base_dtype: {base_dtype!r} is not one of {sorted(BASE_DTYPES)}")
+    trained = list(trained)
     trained_ids = {id(p) for p in trained}
-    for param in model.parameters():
-        wanted = torch.float32 if id(param) in trained_ids else BASE_DTYPES[base_dtype]
-        if wanted is not None and param.dtype != wanted:
-            param.data = param.data.to(wanted)
+    base_dtype_wanted = BASE_DTYPES[base_dtype]
+    if base_dtype_wanted is not None:
+        for palm in (m for m in model.modules() if isinstance(m, PaLM)):
+            for name, param in palm.named_parameters():
+                if ".adapters." not in name and id(param) not in trained_ids:
+                    param.data = param.data.to(base_dtype_wanted)
+    for param in trained:
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:

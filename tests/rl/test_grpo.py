@@ -12,6 +12,7 @@ from palm_rlhf.data.prompts import PromptRecord
 from palm_rlhf.model.reward import RewardConfig, RewardModel
 from palm_rlhf.rl.config import GRPOConfig
 from palm_rlhf.rl.grpo import GRPOTrainer
+from palm_rlhf.rl.online import load_reward_model
 
 TOK = ByteTokenizer()
 PROMPTS = [f"p{i}:" for i in range(64)]
@@ -351,3 +352,27 @@ def test_activation_checkpointing_trains_the_same_run(monkeypatch):
         runs.append(trainer_for(activation_checkpointing=enabled).train(2))
         assert bool(calls) == enabled
     assert_same_run(*runs, keys=("score_mean", "policy_loss", "kl_ref", "kl_k3", "clip_frac_low"))
+
+
+def test_a_reward_model_on_the_policys_base_shares_it(tmp_path):
+    """GRPO scores with the reward scope on the policy's own base: the same run as with the
+    reward model on a trunk of its own, and the reward scope is never merged into the policy."""
+    policy_model().save_pretrained(tmp_path / "policy")
+    reward = RewardModel(PaLM.from_pretrained(tmp_path / "policy"), RewardConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, param in reward.named_parameters():
+            if ".adapters.reward." in name or "head" in name:
+                param.normal_(0, 0.3)
+    reward.save_pretrained(tmp_path / "reward")
+    runs = []
+    for share in (True, False):
+        policy = PaLM.from_pretrained(tmp_path / "policy")
+        model, _ = load_reward_model(tmp_path / "reward", policy, tmp_path / "policy", share)
+        assert (model.trunk is policy) == share
+        trainer = GRPOTrainer(
+            policy, TOK, PROMPTS, reward_model=model, config=config(), show_progress=False
+        )
+        runs.append(trainer.train(2))
+        if share:
+            assert sorted(policy.lora_configs) == ["actor", "reward"]
+    assert_same_run(*runs, keys=("score_mean", "policy_loss", "kl_ref", "kl_k3"))

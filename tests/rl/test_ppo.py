@@ -5,8 +5,10 @@ import torch
 from conftest import assert_close_f32, assert_same_run, count_checkpointed_blocks, tiny_model
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.model.palm import read_base_digest
 from palm_rlhf.model.reward import RewardConfig, RewardModel
 from palm_rlhf.rl.config import PPOConfig
+from palm_rlhf.rl.online import load_reward_model
 from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.rl.run_state import accumulation_divisors
 
@@ -350,3 +352,76 @@ def test_activation_checkpointing_trains_the_same_run(monkeypatch, with_reward_m
         runs.append(trainer.train(2))
         assert bool(calls) == enabled
     assert_same_run(*runs, keys=METRICS + ("policy_loss",))
+
+
+@pytest.fixture
+def policy_and_reward_dirs(tmp_path):
+    """A policy checkpoint and a LoRA reward model trained (here: randomised) on its base."""
+    policy_model().save_pretrained(tmp_path / "policy")
+    reward = RewardModel(PaLM.from_pretrained(tmp_path / "policy"), RewardConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, param in reward.named_parameters():
+            if ".adapters.reward." in name or "head" in name:
+                param.normal_(0, 0.3)
+        reward.score_mean.fill_(0.5)
+        reward.score_std.fill_(1.5)
+    reward.save_pretrained(tmp_path / "reward")
+    return tmp_path / "policy", tmp_path / "reward"
+
+
+def test_one_base_serves_policy_reference_critic_and_reward(policy_and_reward_dirs, tmp_path):
+    """A reward scope on the policy's own base (same digest) is loaded onto the policy: PPO then
+    holds one trunk, and runs exactly as with a second copy of it (bug it catches: a deep copy
+    of the reward trunk for the critic, twice the weights for nothing at Cohere's size)."""
+    policy_dir, reward_dir = policy_and_reward_dirs
+    shared_policy = PaLM.from_pretrained(policy_dir)
+    shared_reward, notice = load_reward_model(reward_dir, shared_policy, policy_dir)
+    assert notice is None and shared_reward.trunk is shared_policy
+    separate_policy = PaLM.from_pretrained(policy_dir)
+    separate_reward = RewardModel.from_pretrained(reward_dir)
+    tokens = torch.randint(0, TOK.vocab_size, (3, 9))
+    with torch.no_grad():  # the same reward model either way
+        assert_close_f32(shared_reward(tokens, normalized=True),
+                         separate_reward(tokens, normalized=True))  # fmt: skip
+
+    settings = config(lora_rank=4, ppo_epochs=1, minibatch_size=16)  # one step per iteration
+    runs = []
+    for policy, reward in ((shared_policy, shared_reward), (separate_policy, separate_reward)):
+        trainer = PPOTrainer(
+            policy, TOK, PROMPTS, reward_model=reward, config=settings, show_progress=False
+        )
+        runs.append(trainer.train(1))
+        if policy is shared_policy:
+            shared = trainer
+    # Iteration 1 (sampling, scores, critic values, losses) is the same: the critic starts as
+    # the reward model either way; afterwards their parametrisations differ.
+    assert_same_run(*runs, keys=("score_mean", "kl_ref", "value_loss", "policy_loss", "entropy"))
+
+    trunks = {id(m) for m in shared.critic.modules() if isinstance(m, PaLM)}
+    trunks |= {id(shared.policy), id(shared.reference), id(shared_reward.trunk)}
+    assert trunks == {id(shared_policy)}
+    assert sorted(shared_policy.lora_configs) == ["actor", "critic", "reward"]
+    # The policy saves as a policy: its actor scope only, on the unchanged base.
+    shared_policy.save_pretrained(tmp_path / "saved", scopes=["actor"])
+    saved = PaLM.from_pretrained(tmp_path / "saved")
+    assert sorted(saved.lora_configs) == ["actor"]
+    assert read_base_digest(tmp_path / "saved") == read_base_digest(policy_dir)
+
+
+def test_a_reward_model_on_another_base_gets_its_own_trunk_with_a_notice(
+    policy_and_reward_dirs, tmp_path
+):
+    policy_dir, reward_dir = policy_and_reward_dirs
+    other = policy_model(seed=3)
+    other.save_pretrained(tmp_path / "other")
+    policy = PaLM.from_pretrained(tmp_path / "other")
+    reward, notice = load_reward_model(reward_dir, policy, tmp_path / "other")
+    assert reward.trunk is not policy
+    assert "its base weights differ from the policy's" in notice and "GB more" in notice
+    # a full fine-tune never shares its base: training it would change the reward
+    policy = PaLM.from_pretrained(policy_dir)
+    reward, notice = load_reward_model(reward_dir, policy, policy_dir, share_base=False)
+    assert reward.trunk is not policy and "full_finetune" in notice
+    shared, _ = load_reward_model(reward_dir, policy, policy_dir)
+    with pytest.raises(ValueError, match="full_finetune: the policy's base is the reward"):
+        PPOTrainer(policy, TOK, PROMPTS, reward_model=shared, config=config(full_finetune=True))

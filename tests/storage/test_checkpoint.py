@@ -22,7 +22,7 @@ from palm_rlhf.storage.atomic import replace_dir_atomic, write_bytes_atomic
 
 CONFIG = PaLMConfig(num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 TOKENS = torch.tensor([[1, 5, 9, 30, 2, 7], [31, 0, 4, 4, 8, 16]])
-BASE_FILES = ["config.json", "model.safetensors"]
+BASE_FILES = ["base.json", "config.json", "model.safetensors"]
 
 
 def make_model(seed: int = 0) -> PaLM:
@@ -75,7 +75,12 @@ def test_round_trip_with_lora_scope(tmp_path):
                 param.normal_(0, 0.3)
     assert not torch.equal(logits(model, "actor"), logits(model))
     model.save_pretrained(tmp_path / "ckpt")
-    assert listing(tmp_path / "ckpt") == ["config.json", "lora.json", "model.safetensors"]
+    assert listing(tmp_path / "ckpt") == [
+        "base.json",
+        "config.json",
+        "lora.json",
+        "model.safetensors",
+    ]
     loaded = PaLM.from_pretrained(tmp_path / "ckpt")
     assert loaded.lora_configs == {"actor": lora}
     assert torch.equal(logits(loaded, "actor"), logits(model, "actor"))
@@ -659,3 +664,20 @@ def test_write_bytes_atomic_file_has_umask_permissions(tmp_path):
     expected = umask_mode("file", tmp_path)
     write_bytes_atomic(tmp_path / "state.bin", b"x")
     assert stat.S_IMODE((tmp_path / "state.bin").stat().st_mode) == expected
+
+
+def test_tensor_digest_sees_every_byte_dtype_shape_and_name():
+    from palm_rlhf.storage.safetensors import tensor_digest
+
+    base = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)}
+    digest = tensor_digest(base)
+    assert tensor_digest({"b": base["b"].clone(), "a": base["a"].clone()}) == digest  # order
+    changed = {**base, "b": base["b"].clone()}
+    changed["b"][3] = torch.nextafter(changed["b"][3], torch.tensor(2.0))  # one ulp
+    variants = [
+        changed,
+        {**base, "a": base["a"].reshape(3, 2)},
+        {**base, "a": base["a"].to(torch.float64)},
+        {"c": base["a"], "b": base["b"]},
+    ]
+    assert len({digest, *(tensor_digest(v) for v in variants)}) == 5
