@@ -258,3 +258,60 @@ def test_an_imported_cohere2_on_cuda_matches_the_cpu_and_chats(tmp_path):
     with torch.no_grad():
         fresh = cuda(torch.tensor([session.cached], device="cuda"))[:, -1]
     assert (session.logits - fresh).abs().max().item() <= 1e-4
+
+
+def test_chunked_token_stats_on_cuda_equal_the_full_logits_in_bf16_and_float32():
+    """Issue 19's chunked log-probs on the GPU: value and gradient equal the full-logits path
+    (float32 relative 1e-5; bf16 autocast within bf16's rounding)."""
+    from palm_rlhf.losses.logprobs import logprobs_from_logits, token_stats_from_hidden
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(50_000, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 50_000, (3, 40), device="cuda")
+    stats = token_stats_from_hidden(hidden, weight, targets, scale=0.25, chunk_size=17)
+    grads = torch.autograd.grad(stats.logprobs.sum(), (hidden, weight))
+    full = logprobs_from_logits(torch.nn.functional.linear(hidden, weight) * 0.25, targets)
+    expected = torch.autograd.grad(full.sum(), (hidden, weight))
+    torch.testing.assert_close(stats.logprobs, full, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = token_stats_from_hidden(hidden, weight, targets, scale=0.25, chunk_size=17)
+    torch.testing.assert_close(low.logprobs, full, rtol=0.05, atol=0.5)
+
+
+def test_checkpointing_bf16_base_and_one_base_ppo_on_cuda(tmp_path):
+    """Activation checkpointing gives the same gradients on the GPU; a bf16 base stays bf16
+    and bit for bit unchanged through LoRA PPO with the reward model on the policy's own base,
+    whose adapters and critic train in float32."""
+    from palm_rlhf.rl.online import load_reward_model
+
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig(**SMALL)).cuda()
+    tokens = torch.randint(0, TOK.vocab_size, (2, 33), device="cuda")
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(enabled)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).logprobs.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+
+    model.set_activation_checkpointing(False)
+    model.to(torch.bfloat16).cpu().save_pretrained(tmp_path / "policy")
+    reward = RewardModel(PaLM.from_pretrained(tmp_path / "policy"), RewardConfig(lora_rank=4))
+    reward.save_pretrained(tmp_path / "reward")
+    policy = PaLM.from_pretrained(tmp_path / "policy")
+    before = {n: t.clone() for n, t in policy.base_tensors().items()}
+    shared, notice = load_reward_model(tmp_path / "reward", policy, tmp_path / "policy")
+    assert notice is None and shared.trunk is policy
+    config = PPOConfig(rollout_batch_size=4, minibatch_size=4, max_new_tokens=8, ppo_epochs=1,
+                       activation_checkpointing=True)  # fmt: skip
+    trainer = PPOTrainer(policy, TOK, ["ab", "cd"], reward_model=shared, config=config,
+                         show_progress=False)  # fmt: skip
+    trainer.train(1)
+    for name, tensor in policy.base_tensors().items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor.cpu(), before[name]), name
+    assert all(p.dtype == torch.float32 for p in trainer.actor_params + trainer.critic_params)

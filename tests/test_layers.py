@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("generation",),
     ("training",),
     ("rl",),
-    ("plot", "hf", "label", "chat"),
+    ("plot", "hf", "label", "chat", "plan"),
     ("demo",),
     ("cli",),
     ("__init__",),

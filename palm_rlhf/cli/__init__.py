@@ -11,6 +11,7 @@ from .chat import add_chat_parser
 from .demo import add_demo_parser
 from .hf import add_export_parser, add_import_parser
 from .label import add_label_parser, add_sample_parser
+from .plan import add_plan_parser
 from .rl import add_dpo_parser, add_grpo_parser, add_ppo_parser
 from .stages import add_generate_parser, add_reward_parser, add_score_parser, add_train_parser
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(subparsers)
     add_import_parser(subparsers)
     add_export_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

@@ -21,10 +21,18 @@ from ..config import LoRAConfig
 class LoRAAdapter(nn.Module):
     """delta(x) = (alpha / rank) * up(down(x)); `up` starts at zero so a new adapter is a no-op."""
 
-    def __init__(self, in_features: int, out_features: int, config: LoRAConfig) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LoRAConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
-        self.down = nn.Parameter(torch.empty(config.rank, in_features))
-        self.up = nn.Parameter(torch.zeros(out_features, config.rank))
+        place = dict(device=device, dtype=dtype)
+        self.down = nn.Parameter(torch.empty(config.rank, in_features, **place))
+        self.up = nn.Parameter(torch.zeros(out_features, config.rank, **place))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         self.scaling = config.alpha / config.rank
 
@@ -32,8 +40,15 @@ class LoRAAdapter(nn.Module):
         # The adapter trains in its own precision (float32) on a base kept in its stored one
         # (bf16): read the input in the adapter's dtype and hand the result back in the input's.
         # Under autocast both products run in the autocast dtype anyway.
-        delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
-        return delta.to(x.dtype)
+        # The scale multiplies the rank-r intermediate, not the full-width output: one
+        # (tokens x out_features) temporary fewer (1.1 GB for Command R7B's fused projection
+        # over 8k tokens in float32). Under autocast the products run in its dtype whatever the
+        # input's, so a float32 copy of the input would only be kept for backward, unused.
+        dtype = x.dtype
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.down.dtype)
+        down = F.linear(x, self.down) * self.scaling
+        return F.linear(down, self.up).to(dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.up @ self.down) * self.scaling
@@ -92,8 +107,12 @@ def add_lora(
     if not targeted:
         raise ValueError(f"no projection named {config.targets} found for LoRA scope {scope!r}")
     for module in targeted:
-        adapter = LoRAAdapter(module.in_features, module.out_features, config)
-        module.adapters[scope] = adapter.to(module.weight.device, module.weight.dtype)
+        # On the base's device, in float32 however the base is stored (a bf16 base stays bf16;
+        # its adapters train in float32), or in float64 beside a float64 base.
+        weight = module.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        adapter = LoRAAdapter(module.in_features, module.out_features, config, weight.device, dtype)
+        module.adapters[scope] = adapter
     registry[scope] = config
     if freeze_base:
         for name, param in model.named_parameters():

@@ -1,0 +1,322 @@
+"""A memory plan before a run: build a stage's models on fake tensors (torch's
+FakeTensorMode: shapes and dtypes, no storage, no weights read) and run one step of the stage on
+them, counting every tensor storage the step allocates until it is freed (`LiveBytes`). The
+peak of the step's phases is what the device must hold; the plan splits it into the weights that
+stay frozen, the trainable weights with their optimizer state, gradients, the KV cache of
+generation, and activations (of which the output layer's logits chunks are a part).
+
+What one step is, per stage (the phases of the real loops, at their shapes):
+- pretrain / sft: a full fine-tune: float32 master weights, one micro-batch of batch_size x
+  seq_len tokens forward (loss from hidden states in chunks), backward, an AdamW step.
+- reward: a LoRA (or full) reward model: batch_size preference groups of `responses` rows each,
+  one pass, a ranking loss, backward, an AdamW step.
+- dpo: the LoRA policy over batch_size x `responses` rows with their log-probs (the reference's
+  were computed before training), backward, an AdamW step.
+- grpo / ppo: generation (the KV cache of every response row, a prefill and decoding steps with
+  sampling), then the old (and reference) log-probs and (PPO) the critic's values and the
+  reward model's scores per minibatch without gradients, then a minibatch update: actor (and
+  critic) forward, backward, an AdamW step. PPO's critic and reward model are scopes on the
+  policy's base (one base for every role, as `palm-rlhf ppo` loads them).
+
+Not counted: the allocator's slack and fragmentation, CUDA's context and kernels' workspaces
+(about 0.5-1 GB on a GPU), the data a loop holds on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import LoRAConfig, PaLMConfig
+from .losses.logprobs import CHUNK_ELEMENTS
+from .model.palm import PaLM
+from .model.reward import RewardConfig, RewardModel
+from .training.step import BASE_DTYPES
+
+STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo")
+CATEGORIES = (
+    "frozen weights",
+    "trainable weights + optimizer state",
+    "gradients",
+    "KV cache",
+    "activations",
+)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The shape of one step of a stage (the fields the stage's flags set)."""
+
+    stage: str
+    batch_size: int = 1
+    """pretrain/sft/reward/dpo: sequences (or preference groups) per micro-batch."""
+    seq_len: int = 512
+    """pretrain/sft/reward/dpo: tokens per row."""
+    responses: int = 2
+    """reward/dpo: rows per preference group (2 for pairs)."""
+    rollout_rows: int = 128
+    """grpo/ppo: responses sampled per iteration on one device (prompts x group size)."""
+    max_prompt_tokens: int = 128
+    max_new_tokens: int = 64
+    minibatch_size: int = 32
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    full_finetune: bool = False
+    kl_coef: float = 0.04
+    """grpo: 0 skips the reference pass."""
+    stored_dtype: str = "float32"
+    """The dtype the checkpoint holds its weights in; the frozen base stays in it."""
+    base_dtype: str = "stored"
+    mixed_precision: str = "no"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class MemoryPlan:
+    """The peak bytes of a step and what they hold at that moment."""
+
+    peak_bytes: int
+    phase: str
+    categories: dict[str, int]
+    logits_chunk_bytes: int
+    parameters: int
+    phases: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_phase": self.phase,
+            "categories_bytes": self.categories,
+            "logits_chunk_bytes": self.logits_chunk_bytes,
+            "parameters": self.parameters,
+            "phases_peak_bytes": self.phases,
+        }
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plan_memory(config: PaLMConfig, settings: PlanSettings) -> MemoryPlan:
+    """The memory plan of one step of `settings.stage` for a model of `config`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if settings.stage not in STAGES:
+        raise ValueError(f"stage: {settings.stage!r} is not one of {', '.join(STAGES)}")
+    with FakeTensorMode():
+        return _plan(config, settings)
+
+
+def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
+    full = s.stage in ("pretrain", "sft") or s.full_finetune
+    stored = BASE_DTYPES[s.stored_dtype] or torch.float32
+    base_dtype = torch.float32 if full else (BASE_DTYPES[s.base_dtype] or stored)
+    lora = LoRAConfig(rank=s.lora_rank, alpha=s.lora_alpha)
+    policy = PaLM(config).eval()
+    for param in policy.parameters():  # (Module.to cannot swap fake tensors)
+        param.data = param.data.to(base_dtype)
+    reward_model = None
+    if s.stage == "reward":
+        reward_model = RewardModel(policy, RewardConfig(lora_rank=0 if full else s.lora_rank))
+        trained = reward_model.trainable_parameters()
+    elif full:
+        trained = list(policy.parameters())
+    else:
+        trained = policy.add_lora("actor", lora)
+        if s.stage == "ppo":  # critic and reward: scopes on the same base
+            reward_model = RewardModel(policy, RewardConfig(lora_rank=s.lora_rank))
+            policy.add_lora("critic", lora, freeze_base=False)
+            trained = trained + [p for n, p in policy.named_parameters() if ".critic." in n]
+    for param in trained:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    policy.set_activation_checkpointing(s.activation_checkpointing)
+    trained_ids = {id(p) for p in trained}
+    module = reward_model if reward_model is not None else policy
+    frozen = _bytes(p for p in module.parameters() if id(p) not in trained_ids)
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
+    _warm_up(optimizer, trained)  # a step in a run holds the optimizer's state from step 1 on
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
+
+    phases: dict[str, tuple[int, int, int]] = {}  # phase -> (peak, gradients at peak, kv)
+
+    def run(name: str, step) -> None:
+        resident = _tensors(module, optimizer)
+        with LiveBytes(
+            resident, lambda: _bytes(p.grad for p in trained if p.grad is not None)
+        ) as live:
+            kv = step() or 0
+        phases[name] = (live.peak, live.grads_at_peak, kv)
+
+    vocab = config.num_tokens
+    if s.stage in ("pretrain", "sft", "reward", "dpo"):
+        rows = s.batch_size * (s.responses if s.stage in ("reward", "dpo") else 1)
+        tokens = torch.zeros(rows, s.seq_len + 1, dtype=torch.long)
+
+        def supervised() -> None:
+            with autocast:
+                if s.stage == "reward":
+                    scores = _scores(reward_model, tokens[:, :-1])
+                    loss = scores.float().logsumexp(0) - scores.float().mean()
+                else:
+                    scope = None if full else "actor"
+                    stats = policy(tokens[:, :-1], validate_ids=False, lora_scope=scope,
+                                   targets=tokens[:, 1:])  # fmt: skip
+                    loss = -stats.logprobs.mean() + 1e-4 * stats.log_z.square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        run("training step", supervised)
+    else:
+        rows, p, n = s.rollout_rows, s.max_prompt_tokens, s.max_new_tokens
+        scope = None if full else "actor"
+
+        def generation() -> int:
+            from .generation import sample_next
+
+            with torch.no_grad(), autocast:
+                cache = policy.new_cache(rows, max_len=p + n)
+                prompt = torch.zeros(rows, p, dtype=torch.long)
+                logits = policy(prompt, cache=cache, last_only=True, validate_ids=False,
+                                lora_scope=scope)[:, -1]  # fmt: skip
+                for _ in range(2):  # each decoding step is the same size
+                    token, _ = sample_next(logits, 1.0, None, None, None)
+                    logits = policy(token[:, None], cache=cache, validate_ids=False,
+                                    lora_scope=scope)[:, -1]  # fmt: skip
+                return _bytes([cache.keys, cache.values])
+
+        run("generation", generation)
+        sequences = torch.zeros(rows, p + n, dtype=torch.long)
+        chunk = sequences[: s.minibatch_size]
+
+        def scoring() -> None:
+            with torch.no_grad(), autocast:
+                passes = [scope] + ([None] if s.stage == "ppo" or s.kl_coef > 0 else [])
+                for pass_scope in passes:  # old, then reference (adapters off)
+                    policy(chunk[:, :-1], validate_ids=False, lora_scope=pass_scope,
+                           targets=chunk[:, p:])  # fmt: skip
+                if s.stage == "ppo":
+                    policy.forward_hidden(chunk, validate_ids=False, lora_scope="critic")
+                    _scores(reward_model, chunk)
+
+        run("log-probs and scores", scoring)
+
+        def update() -> None:
+            with autocast:
+                stats = policy(chunk[:, :-1], validate_ids=False, lora_scope=scope,
+                               targets=chunk[:, p:], entropy=s.stage == "ppo")  # fmt: skip
+                loss = -stats.logprobs.mean()
+                if s.stage == "ppo":
+                    hidden = policy.forward_hidden(chunk, validate_ids=False, lora_scope="critic")
+                    loss = loss + hidden.float().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        run("minibatch update", update)
+
+    phase = max(phases, key=lambda k: phases[k][0])
+    total, gradients, kv = phases[phase]
+    trainable = _bytes(trained) + _bytes(_optimizer_state(optimizer))
+    activations = max(0, total - frozen - trainable - gradients - kv)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab)
+    return MemoryPlan(
+        peak_bytes=total,
+        phase=phase,
+        categories=dict(
+            zip(CATEGORIES, (frozen, trainable, gradients, kv, activations), strict=True)
+        ),
+        logits_chunk_bytes=rows_per_chunk * vocab * 4,
+        parameters=sum(p.numel() for p in module.parameters()),
+        phases={name: value[0] for name, value in phases.items()},
+    )
+
+
+def _scores(reward_model: RewardModel, tokens: torch.Tensor) -> torch.Tensor:
+    """`RewardModel.forward` without its id check (which reads values a fake tensor lacks)."""
+    hidden = reward_model.trunk.forward_hidden(
+        tokens, validate_ids=False, lora_scope=reward_model.lora_scope
+    )
+    return reward_model.head(hidden[:, -1]).squeeze(-1)
+
+
+def _tensors(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers(), *_optimizer_state(optimizer)]
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def _warm_up(optimizer: torch.optim.Optimizer, trained: list[torch.Tensor]) -> None:
+    """Create the optimizer's state (AdamW: two moments per trained tensor) the way a first
+    step does, so the planned step is a steady-state one."""
+    for param in trained:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Exact accounting of the bytes alive during the ops run under it: every storage an op
+    returns is counted once, from its creation until it is freed (a weak reference's
+    callback), on top of the `resident` tensors that exist before (weights, optimizer state;
+    a view of one, such as a transposed weight, is no new memory). The peak and the
+    gradients alive at that moment are kept."""
+
+    def __init__(self, resident: list[torch.Tensor], gradient_bytes) -> None:
+        super().__init__()
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.current = 0
+        for tensor in resident:
+            storage = tensor.untyped_storage()
+            if storage not in self._seen:
+                self._seen[storage] = storage.nbytes()
+                self.current += storage.nbytes()
+        self.peak = self.current
+        self.gradient_bytes, self.grads_at_peak = gradient_bytes, gradient_bytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self._count(tensor.untyped_storage())  # (an MKL-packed weight has none)
+        return out
+
+    def _count(self, storage) -> None:
+        if storage in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[storage] = size
+        weakref.finalize(storage, self._free, size)
+        self.current += size
+        if self.current > self.peak:
+            self.peak = self.current
+            self.grads_at_peak = self.gradient_bytes()
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+
+def parse_size(text: str) -> int:
+    """'80GB', '24GiB', '512MB', '1e9' -> bytes (GB = 1e9, GiB = 2**30)."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"device memory: {text!r} is not a size like 80GB or 24GiB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"device memory: {text!r} must be positive")
+    return int(value)
