@@ -118,3 +118,21 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def save_policy_and_lora_reward(policy, directory):
+    """Save `policy` and a LoRA reward model on its base (scope, heads and normalisation
+    randomised, as if trained) under directory; returns (policy_dir, reward_dir)."""
+    from palm_rlhf import PaLM
+    from palm_rlhf.model.reward import RewardConfig, RewardModel
+
+    policy.save_pretrained(directory / "policy")
+    reward = RewardModel(PaLM.from_pretrained(directory / "policy"), RewardConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, param in reward.named_parameters():
+            if ".adapters.reward." in name or "head" in name:
+                param.normal_(0, 0.3)
+        reward.score_mean.fill_(0.5)
+        reward.score_std.fill_(1.5)
+    reward.save_pretrained(directory / "reward")
+    return directory / "policy", directory / "reward"

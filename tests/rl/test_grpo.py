@@ -5,7 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_run, count_checkpointed_blocks, tiny_model
+from conftest import (
+    assert_same_run,
+    count_checkpointed_blocks,
+    save_policy_and_lora_reward,
+    tiny_model,
+)
 
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.data.prompts import PromptRecord
@@ -357,17 +362,11 @@ def test_activation_checkpointing_trains_the_same_run(monkeypatch):
 def test_a_reward_model_on_the_policys_base_shares_it(tmp_path):
     """GRPO scores with the reward scope on the policy's own base: the same run as with the
     reward model on a trunk of its own, and the reward scope is never merged into the policy."""
-    policy_model().save_pretrained(tmp_path / "policy")
-    reward = RewardModel(PaLM.from_pretrained(tmp_path / "policy"), RewardConfig(lora_rank=4))
-    with torch.no_grad():
-        for name, param in reward.named_parameters():
-            if ".adapters.reward." in name or "head" in name:
-                param.normal_(0, 0.3)
-    reward.save_pretrained(tmp_path / "reward")
+    policy_dir, reward_dir = save_policy_and_lora_reward(policy_model(), tmp_path)
     runs = []
     for share in (True, False):
-        policy = PaLM.from_pretrained(tmp_path / "policy")
-        model, _ = load_reward_model(tmp_path / "reward", policy, tmp_path / "policy", share)
+        policy = PaLM.from_pretrained(policy_dir)
+        model, _ = load_reward_model(reward_dir, policy, policy_dir, share)
         assert (model.trunk is policy) == share
         trainer = GRPOTrainer(
             policy, TOK, PROMPTS, reward_model=model, config=config(), show_progress=False

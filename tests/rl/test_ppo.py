@@ -2,7 +2,13 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_f32, assert_same_run, count_checkpointed_blocks, tiny_model
+from conftest import (
+    assert_close_f32,
+    assert_same_run,
+    count_checkpointed_blocks,
+    save_policy_and_lora_reward,
+    tiny_model,
+)
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
 from palm_rlhf.model.palm import read_base_digest
@@ -356,17 +362,7 @@ def test_activation_checkpointing_trains_the_same_run(monkeypatch, with_reward_m
 
 @pytest.fixture
 def policy_and_reward_dirs(tmp_path):
-    """A policy checkpoint and a LoRA reward model trained (here: randomised) on its base."""
-    policy_model().save_pretrained(tmp_path / "policy")
-    reward = RewardModel(PaLM.from_pretrained(tmp_path / "policy"), RewardConfig(lora_rank=4))
-    with torch.no_grad():
-        for name, param in reward.named_parameters():
-            if ".adapters.reward." in name or "head" in name:
-                param.normal_(0, 0.3)
-        reward.score_mean.fill_(0.5)
-        reward.score_std.fill_(1.5)
-    reward.save_pretrained(tmp_path / "reward")
-    return tmp_path / "policy", tmp_path / "reward"
+    return save_policy_and_lora_reward(policy_model(), tmp_path)
 
 
 def test_one_base_serves_policy_reference_critic_and_reward(policy_and_reward_dirs, tmp_path):
