@@ -5,8 +5,8 @@ checkpointing.
 
 Batch means: sft, reward and dpo: sequences (dpo and reward: preference pairs, two rows each)
 of 2,048 tokens per micro-batch; grpo and ppo: responses per iteration, all in one minibatch,
-each a 512-token prompt and 512 new tokens. LoRA rank 8 (sft: full fine-tune, the only kind
-`palm-rlhf sft` runs), mixed precision bf16. A step's peak is linear in the batch at fixed
+each a 512-token prompt and 512 new tokens. LoRA rank 8 on every stage (sft: `--lora-rank 8`),
+mixed precision bf16. A step's peak is linear in the batch at fixed
 shapes (every activation is per row), so two plans (batch 1 and 2) give the line, and a third
 at the predicted largest batch checks it.
 
@@ -56,13 +56,14 @@ def largest_batch(config, stage, checkpointing, dtype, memory) -> tuple[int, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma list of stages")
     args = parser.parse_args()
     rows = []
     for model, name in MODELS.items():
         raw = json.loads((CONFIGS / f"{name}.json").read_text())
         config = palm_config_from_hf(raw)
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        for stage in STAGES:
+        for stage in args.stages.split(","):
             for checkpointing in (False, True):
                 began = time.perf_counter()
                 cells = {}

@@ -6,8 +6,9 @@ stay frozen, the trainable weights with their optimizer state, gradients, the KV
 generation, and activations (of which the output layer's logits chunks are a part).
 
 What one step is, per stage (the phases of the real loops, at their shapes):
-- pretrain / sft: a full fine-tune: float32 master weights, one micro-batch of batch_size x
-  seq_len tokens forward (loss from hidden states in chunks), backward, an AdamW step.
+- pretrain / sft: one micro-batch of batch_size x seq_len tokens forward (loss from hidden
+  states in chunks), backward, an AdamW step; a full fine-tune (float32 master weights) when
+  lora_rank is 0, else a LoRA scope on the frozen base.
 - reward: a LoRA (or full) reward model: batch_size preference groups of `responses` rows each,
   one pass, a ranking loss, backward, an AdamW step.
 - dpo: the LoRA policy over batch_size x `responses` rows with their log-probs (the reference's
@@ -67,6 +68,7 @@ class PlanSettings:
     max_new_tokens: int = 64
     minibatch_size: int = 32
     lora_rank: int = 8
+    """The LoRA scopes' rank; pretrain/sft: 0 is a full fine-tune."""
     lora_alpha: float = 16.0
     full_finetune: bool = False
     kl_coef: float = 0.04
@@ -115,10 +117,10 @@ def plan_memory(config: PaLMConfig, settings: PlanSettings) -> MemoryPlan:
 
 
 def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
-    full = s.stage in ("pretrain", "sft") or s.full_finetune
+    full = s.full_finetune or (s.stage in ("pretrain", "sft") and s.lora_rank == 0)
     stored = BASE_DTYPES[s.stored_dtype] or torch.float32
     base_dtype = torch.float32 if full else (BASE_DTYPES[s.base_dtype] or stored)
-    lora = LoRAConfig(rank=s.lora_rank, alpha=s.lora_alpha)
+    lora = LoRAConfig(rank=s.lora_rank, alpha=s.lora_alpha) if not full else None
     policy = PaLM(config).eval()
     for param in policy.parameters():  # (Module.to cannot swap fake tensors)
         param.data = param.data.to(base_dtype)
@@ -128,7 +130,7 @@ def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
         trained = reward_model.trainable_parameters()
     elif full:
         trained = list(policy.parameters())
-    else:
+    else:  # (a LoRA SFT's scope is "sft"; any name costs the same)
         trained = policy.add_lora("actor", lora)
         if s.stage == "ppo":  # critic and reward: scopes on the same base
             reward_model = RewardModel(policy, RewardConfig(lora_rank=s.lora_rank))

@@ -34,13 +34,17 @@ def test_live_bytes_counts_allocations_views_and_frees_exactly():
         assert live.peak == 8_000_000  # weight + first + second; third came after first's free
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "sft-lora", "reward", "dpo", "grpo", "ppo"])
 def test_every_stage_plans_and_its_categories_add_up(stage):
-    plan = plan_memory(CONFIG, PlanSettings(stage, lora_rank=4, rollout_rows=8, minibatch_size=4))
+    rank = 0 if stage == "sft" else 4  # sft: a full fine-tune; sft-lora: a LoRA SFT
+    stage = stage.removesuffix("-lora")
+    plan = plan_memory(
+        CONFIG, PlanSettings(stage, lora_rank=rank, rollout_rows=8, minibatch_size=4)
+    )
     assert plan.peak_bytes == sum(plan.categories[c] for c in CATEGORIES)
     assert plan.peak_bytes == max(plan.phases.values())
     weights = sum(p.numel() * 4 for p in PaLM(CONFIG).parameters())
-    if stage == "sft":  # float32 master weights + two AdamW moments
+    if rank == 0:  # float32 master weights + two AdamW moments
         assert plan.categories["trainable weights + optimizer state"] >= 3 * weights
         assert plan.categories["frozen weights"] == 0
     else:  # a LoRA stage: the base is frozen (PPO's frozen reward scope and head too)

@@ -117,10 +117,15 @@ def add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
     )
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
-    """`cls` from `base` and the flags given; a field the config refuses is named by its flag."""
+def dataclass_from_args(
+    cls: type, args: argparse.Namespace, skip: Sequence[str] = (), **base: Any
+) -> Any:
+    """`cls` from `base` and the flags given; a field the config refuses is named by its flag.
+    skip: fields left at their defaults (a flag of the same name belongs to another config)."""
     values = dict(base)
     for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = value

@@ -54,10 +54,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
             default=2,
             help="reward/dpo: rows per preference group (2: pairs) [2]",
         )
-        skip = ("base_dtype",) if stage in ("pretrain", "sft") else ()
-        skip += NOT_FOR_REWARD if stage in ("reward", "dpo") else ()
+        skip = NOT_FOR_REWARD if stage in ("reward", "dpo") else ()
         for cls in STAGE_CONFIGS[stage]:
-            add_dataclass_options(sub, cls, f"{stage} ({cls.__name__})", skip=skip)
+            own = skip if cls is TrainConfig else ()  # reward/dpo: LoRA from their own config
+            add_dataclass_options(sub, cls, f"{stage} ({cls.__name__})", skip=own)
         sub.set_defaults(run=run_plan)
 
 
@@ -85,7 +85,11 @@ def model_shape(path: Path) -> tuple[PaLMConfig, str]:
 
 
 def settings_from_args(args: argparse.Namespace, stored_dtype: str) -> PlanSettings:
-    configs = [dataclass_from_args(cls, args) for cls in STAGE_CONFIGS[args.stage]]
+    skip = NOT_FOR_REWARD if args.stage in ("reward", "dpo") else ()
+    configs = [
+        dataclass_from_args(cls, args, skip=skip if cls is TrainConfig else ())
+        for cls in STAGE_CONFIGS[args.stage]
+    ]
     first = configs[0]
     common: dict[str, Any] = dict(
         stage=args.stage,
@@ -95,8 +99,9 @@ def settings_from_args(args: argparse.Namespace, stored_dtype: str) -> PlanSetti
     )  # fmt: skip
     if args.stage in ("pretrain", "sft", "reward", "dpo"):
         common.update(batch_size=first.batch_size, seq_len=first.seq_len, responses=args.responses)
-        if args.stage != "sft" and args.stage != "pretrain":
-            common["base_dtype"] = first.base_dtype
+        common["base_dtype"] = first.base_dtype
+        if args.stage in ("pretrain", "sft"):  # 0: a full fine-tune
+            common.update(lora_rank=first.lora_rank, lora_alpha=first.lora_alpha)
         if args.stage == "reward":
             reward = configs[1]
             common.update(lora_rank=reward.lora_rank, lora_alpha=reward.lora_alpha,

@@ -77,8 +77,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--log-with", default=None, help="accelerate tracker, e.g. tensorboard or wandb"
     )
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    # Pretraining and SFT train every weight: no frozen base to keep in another dtype.
-    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)", skip=("base_dtype",))
+    add_dataclass_options(parser, TrainConfig, "training (TrainConfig)")
     add_dataclass_options(
         parser,
         PaLMConfig,
@@ -246,7 +245,7 @@ def run_preference_stage(
     train_dpo, which take the same arguments) under the accelerator."""
     if args.data is None:
         raise ValueError(f"{name} needs --data PATH to a preference JSONL")
-    train_config = dataclass_from_args(TrainConfig, args)
+    train_config = dataclass_from_args(TrainConfig, args, skip=NOT_FOR_REWARD)
     stage_config = dataclass_from_args(stage_config_class, args)
     accelerator = make_accelerator(args, train_config.mixed_precision)
     history = train(

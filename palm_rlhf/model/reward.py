@@ -29,7 +29,7 @@ from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, load_model_dir, resolve_run_dir, save_model_dir
 from ..storage.safetensors import load_safetensors
 from ..tokenizers.files import TOKENIZER_FILES
-from .lora import lora_parameters
+from .lora import fold_policy_adapter, lora_parameters
 from .palm import CHECKPOINT_JSON, PaLM
 
 REWARD_SCOPE = "reward"
@@ -301,6 +301,9 @@ class RewardModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> RewardModel:
         """A reward model whose trunk starts from a pretrained / SFT PaLM checkpoint; the heads
-        are freshly initialised. LoRA scopes in the checkpoint other than 'reward' are loaded
-        but never applied (merge an SFT adapter into the base first if the trunk should use it)."""
-        return cls(PaLM.from_pretrained(directory, dtype), config)
+        are freshly initialised. The one adapter scope the checkpoint may carry (a LoRA SFT's
+        'sft') is merged into the trunk first, as every stage starting from a policy does:
+        the reward model reads the model the checkpoint holds, not its bare base."""
+        palm = PaLM.from_pretrained(directory, dtype)
+        fold_policy_adapter(palm)
+        return cls(palm, config)

@@ -40,10 +40,15 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (autocast through accelerate, which fixes it once per process)."""
+    lora_rank: int = 0
+    """Pretrain/SFT from --init: 0 trains every weight; > 0 freezes the base and trains a LoRA
+    scope named 'sft' of this rank (the checkpoint holds it; later stages fold it in)."""
+    lora_alpha: float = 16.0
+    """Alpha of the 'sft' LoRA scope (its output is multiplied by alpha / rank)."""
     base_dtype: str = "stored"
     """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
     bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain, SFT, --full-finetune) always train float32 master weights."""
+    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
@@ -89,6 +94,8 @@ class TrainConfig:
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         check_choice(self, "mixed_precision", ("no", "bf16"))
         check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
+        check_ints(self, ("lora_rank",), minimum=0)
+        check(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha}")
         check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
 
 

@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from ..config import PaLMConfig
+from ..config import LoRAConfig, PaLMConfig
 from ..data import corpus
 from ..data.sft import SFTDataset, collate_sft
 from ..generation import generate
 from ..losses.lm import IGNORE_INDEX, lm_loss_from_stats, shift_targets
+from ..model.lora import fold_policy_adapter, lora_parameters
 from ..model.palm import PaLM
 from ..storage.atomic import read_json
 from ..storage.checkpoint import resolve_run_dir
@@ -49,9 +50,12 @@ from .step import (
     out_of_time,
     progress_bar,
     set_lr,
+    set_training_dtypes,
     to_device,
     write_record,
 )
+
+SFT_SCOPE = "sft"  # the LoRA scope a pretrain/SFT run with lora_rank > 0 trains
 
 
 def load_datasets(
@@ -93,11 +97,16 @@ def collate(items: list, pad_id: int) -> dict[str, Tensor]:
     return {"tokens": tokens, "mask": None, "loss_mask": None}
 
 
-def micro_batch_loss(model: nn.Module, batch: dict[str, Tensor], z_loss_weight: float) -> Tensor:
+def micro_batch_loss(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    z_loss_weight: float,
+    lora_scope: str | None = None,
+) -> Tensor:
     """Calls the (possibly DDP-wrapped) model's forward, so gradient sync hooks run; the loss
     comes from per-token statistics computed in chunks, never from (b, n, v) logits."""
     inputs, input_mask, targets = shift_targets(batch["tokens"], batch["mask"], batch["loss_mask"])
-    stats = model(inputs, mask=input_mask, targets=targets)
+    stats = model(inputs, mask=input_mask, targets=targets, lora_scope=lora_scope)
     return lm_loss_from_stats(stats, targets, z_loss_weight=z_loss_weight)
 
 
@@ -109,6 +118,7 @@ def evaluate_bpb(
     accelerator: Accelerator,
     pad_id: int,
     tokens_per_byte: float,
+    lora_scope: str | None = None,
 ) -> float:
     """Held-out bits per byte: summed next-token nats / ln 2 / bytes, over a fixed set of
     held-out batches shared out across processes."""
@@ -123,7 +133,7 @@ def evaluate_bpb(
             batch["tokens"], batch["mask"], batch["loss_mask"]
         )
         with accelerator.autocast():
-            stats = model(inputs, mask=input_mask, targets=targets)
+            stats = model(inputs, mask=input_mask, targets=targets, lora_scope=lora_scope)
         keep = targets != IGNORE_INDEX
         nats = -stats.logprobs[keep].sum()
         total += torch.stack((nats.double(), keep.sum().double()))
@@ -160,8 +170,11 @@ def train_lm(
     checkpoints first).
     """
     # step 1. processes, output folder, seeds
-    if config.base_dtype != "stored":
-        raise ValueError(f"{FULL_FINETUNE_BASE_DTYPE} (pretraining and SFT train every weight)")
+    lora = config.lora_rank > 0
+    if config.base_dtype != "stored" and not lora:
+        raise ValueError(f"{FULL_FINETUNE_BASE_DTYPE} (give --lora-rank for a LoRA SFT)")
+    if lora and init_checkpoint is None and not resume:
+        raise ValueError("lora_rank: a LoRA scope fine-tunes a pretrained model; give --init")
     owns_accelerator = accelerator is None
     accelerator = accelerator or make_loop_accelerator(config, log_with, out_dir)
     out_dir = Path(out_dir)
@@ -195,20 +208,33 @@ def train_lm(
     start_step = 0
     if resume and latest is None and accelerator.is_main_process:
         tqdm.write(f"no checkpoint in {checkpoints.root}; starting from scratch")
+    # A full fine-tune trains float32 master weights whatever the checkpoint stores (optimizer
+    # steps in bf16 lose small updates; --mixed-precision bf16 autocasts). LoRA keeps the base
+    # as stored (or in base_dtype) and trains the 'sft' scope in float32.
+    load_dtype = None if lora else torch.float32
     if latest is not None:
-        model = PaLM.from_pretrained(latest, dtype=torch.float32)
+        model = PaLM.from_pretrained(latest, dtype=load_dtype)
         if model.config != model_config:
             raise ValueError(
                 f"{latest}: checkpoint config {model.config} does not match the "
                 f"requested model config {model_config}"
             )
     elif init_checkpoint is not None:
-        # float32 master weights, whatever the checkpoint stores (an imported bf16 model):
-        # optimizer steps in bf16 lose small updates; --mixed-precision bf16 autocasts.
-        model = PaLM.from_pretrained(init_checkpoint, dtype=torch.float32)
+        model = PaLM.from_pretrained(init_checkpoint, dtype=load_dtype)
+        if lora:  # the policy the checkpoint holds (its one adapter folded in), then ours
+            fold_policy_adapter(model)
+            model.add_lora(SFT_SCOPE, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha))
     else:
         model = PaLM(model_config)
         model.tokenizer_files = tokenizer_files(tokenizer)  # saved with every checkpoint
+    scope = SFT_SCOPE if lora else None
+    if lora:
+        if SFT_SCOPE not in model.lora_configs:
+            raise ValueError(f"{latest}: holds no {SFT_SCOPE!r} LoRA scope to resume")
+        adapter = lora_parameters(model, SFT_SCOPE)
+        for name, param in model.named_parameters():
+            param.requires_grad_(f".adapters.{SFT_SCOPE}." in name)
+        set_training_dtypes(model, adapter, config.base_dtype)
     model.train()
     model.set_activation_checkpointing(config.activation_checkpointing)
     optimizer = make_optimizer(model, config)
@@ -241,7 +267,7 @@ def train_lm(
             batch = collate(rows, tokenizer.pad_id)
             batch = to_device(batch, accelerator.device)
             with forward_context:
-                loss = micro_batch_loss(model, batch, model_config.z_loss_weight)
+                loss = micro_batch_loss(model, batch, model_config.z_loss_weight, scope)
             accelerator.backward(loss / config.grad_accum)
             window.add(loss, (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0])
         grad_norm = clip_and_step(model, optimizer, config, accelerator)
@@ -255,12 +281,13 @@ def train_lm(
             record, _ = window.close(step, lr, grad_norm, accelerator)
             if config.eval_every and due(step, config.eval_every, final):
                 record["eval_bpb"] = evaluate_bpb(
-                    model, heldout_set, config, accelerator, tokenizer.pad_id, tokens_per_byte
-                )
+                    model, heldout_set, config, accelerator, tokenizer.pad_id, tokens_per_byte,
+                    scope,
+                )  # fmt: skip
             history.append(record)
             write_record(record, metrics_path, accelerator, bar, "eval_bpb")
         if accelerator.is_main_process and config.sample_every and step % config.sample_every == 0:
-            bar.write(sample_text(accelerator.unwrap_model(model), tokenizer, config))
+            bar.write(sample_text(accelerator.unwrap_model(model), tokenizer, config, scope))
         if due(step, config.checkpoint_every, final):
             unwrapped = accelerator.unwrap_model(model)
             files = {"train_config.json": asdict(config)}
@@ -274,7 +301,9 @@ def train_lm(
     return history
 
 
-def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
+def sample_text(
+    model: PaLM, tokenizer: Tokenizer, config: TrainConfig, lora_scope: str | None = None
+) -> str:
     prompt = encode_prompt(tokenizer, config.sample_prompt)
     out = generate(
         model,
@@ -285,6 +314,7 @@ def sample_text(model: PaLM, tokenizer: Tokenizer, config: TrainConfig) -> str:
         eos_id=stop_ids(tokenizer),
         pad_id=tokenizer.pad_id,
         seed=0,
+        lora_scope=lora_scope,
     )
     text = config.sample_prompt + tokenizer.decode(out.tokens[0][out.mask[0]])
     return f"--- sample ---\n{text}\n--------------"

@@ -68,8 +68,11 @@ from .step import (
     write_record,
 )
 
-NOT_FOR_REWARD = ("jsonl_field", "eval_batches", "sample_every", "sample_prompt")
-"""TrainConfig fields the reward loop has no use for; the CLI does not offer them."""
+NOT_FOR_REWARD = (
+    "jsonl_field", "eval_batches", "sample_every", "sample_prompt", "lora_rank", "lora_alpha",
+)  # fmt: skip
+"""TrainConfig fields the reward loop has no use for; the CLI does not offer them (reward and
+DPO take their LoRA settings from RewardConfig and DPOConfig)."""
 
 
 def refuse_unused_fields(config: TrainConfig, stage: str) -> None:

@@ -350,3 +350,46 @@ def test_activation_checkpointing_trains_the_same_run(corpus, tmp_path, monkeypa
         )
         assert bool(calls) == enabled
     assert_same_run(*runs, keys=("loss", "grad_norm"))
+
+
+def test_lora_sft_trains_a_scope_on_a_frozen_bf16_base(corpus, tmp_path):
+    """--lora-rank: the base stays as stored (bf16, bit for bit), the 'sft' scope trains in
+    float32 and lowers the loss, resume continues it, and the next stage reads the model the
+    checkpoint holds (a reward model's trunk has the scope merged in, not the bare base)."""
+    from palm_rlhf.model.reward import RewardModel
+
+    torch.manual_seed(0)
+    PaLM(tiny_model_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    config = quick_config(steps=12, lr=1e-2, lora_rank=4, lora_alpha=8.0, checkpoint_every=6)
+    history = train_lm(None, config, tmp_path / "sft", init_checkpoint=tmp_path / "base",
+                       show_progress=False, data=str(corpus))  # fmt: skip
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+    base = PaLM.from_pretrained(tmp_path / "base")
+    tuned = PaLM.from_pretrained(tmp_path / "sft")
+    assert sorted(tuned.lora_configs) == ["sft"]
+    for name, tensor in base.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tuned.state_dict()[name].view(torch.int16), tensor.view(torch.int16))
+    adapters = [p for n, p in tuned.named_parameters() if ".adapters.sft." in n]
+    assert adapters and all(p.dtype == torch.float32 and p.abs().sum() > 0 for p in adapters)
+
+    resumed = train_lm(None, config, tmp_path / "sft", resume=True,
+                       init_checkpoint=tmp_path / "base", show_progress=False,
+                       data=str(corpus))  # fmt: skip
+    assert resumed == []  # already at its 12 steps: nothing more, and no error
+
+    reward = RewardModel.from_palm_checkpoint(tmp_path / "sft")
+    tokens = torch.randint(0, TOK.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = tuned(tokens, lora_scope="sft")
+        merged = reward.trunk(tokens)
+    torch.testing.assert_close(merged.float(), expected.float(), atol=0.05, rtol=0)
+    assert "sft" not in reward.trunk.lora_configs
+
+    with pytest.raises(ValueError, match="lora_rank: a LoRA scope fine-tunes a pretrained"):
+        train_lm(tiny_model_config(), quick_config(lora_rank=4), tmp_path / "fresh",
+                 show_progress=False, data=str(corpus))  # fmt: skip
+    with pytest.raises(ValueError, match="base_dtype: a full fine-tune"):
+        full = quick_config(base_dtype="bfloat16")
+        train_lm(None, full, tmp_path / "full", init_checkpoint=tmp_path / "base",
+                 show_progress=False, data=str(corpus))  # fmt: skip
