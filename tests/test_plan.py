@@ -102,3 +102,14 @@ def test_sizes_parse():
     assert parse_size("512MB") == 512_000_000
     with pytest.raises(ValueError, match="must be positive"):
         parse_size("0GB")
+
+
+def test_cli_reads_a_checkpoints_stored_dtype_from_its_header(capsys, tmp_path):
+    """A palm_rlhf checkpoint says its dtype only in the safetensors header: a bf16 base is
+    planned as bf16 (half the frozen bytes), not as float32."""
+    PaLM(CONFIG).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert main(["plan", "dpo", str(tmp_path / "bf16"), "--lora-rank", "4", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["stored_dtype"] == "bfloat16"
+    weights = sum(p.numel() * 2 for p in PaLM(CONFIG).parameters())
+    assert plan["categories_bytes"]["frozen weights"] == weights

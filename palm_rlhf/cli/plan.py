@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from ..plan import CATEGORIES, STAGES, PlanSettings, parse_size, plan_memory
 from ..rl.config import GRPOConfig, PPOConfig
 from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, resolve_run_dir
+from ..storage.safetensors import stored_dtype
 from ..training.config import DPOConfig, TrainConfig
 from ..training.reward import NOT_FOR_REWARD
 from .options import add_dataclass_options, dataclass_from_args
@@ -28,7 +28,7 @@ STAGE_CONFIGS = {
     "grpo": [GRPOConfig],
     "ppo": [PPOConfig],
 }
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+PLANNED_DTYPES = ("float32", "bfloat16", "float16")  # what a base can be planned in
 
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,17 +74,14 @@ def model_shape(path: Path) -> tuple[PaLMConfig, str]:
     if "model_type" in raw:
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         return palm_config_from_hf(raw), dtype
-    dtype = "float32"
+    dtype = None
     if directory is not None and (directory / WEIGHTS_NAME).is_file():
-        with open(directory / WEIGHTS_NAME, "rb") as handle:  # the header only
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
-        stored = header.get("token_emb.weight", header.get("trunk.token_emb.weight", {}))
-        dtype = SAFETENSORS_DTYPES.get(stored.get("dtype"), "float32")
-    return PaLMConfig.from_dict(raw), dtype
+        names = ("token_emb.weight", "trunk.token_emb.weight")  # a PaLM, or a reward model
+        dtype = stored_dtype(directory / WEIGHTS_NAME, names)
+    return PaLMConfig.from_dict(raw), dtype or "float32"
 
 
-def settings_from_args(args: argparse.Namespace, stored_dtype: str) -> PlanSettings:
+def settings_from_args(args: argparse.Namespace, weights_dtype: str) -> PlanSettings:
     skip = NOT_FOR_REWARD if args.stage in ("reward", "dpo") else ()
     configs = [
         dataclass_from_args(cls, args, skip=skip if cls is TrainConfig else ())
@@ -93,7 +90,7 @@ def settings_from_args(args: argparse.Namespace, stored_dtype: str) -> PlanSetti
     first = configs[0]
     common: dict[str, Any] = dict(
         stage=args.stage,
-        stored_dtype=stored_dtype if stored_dtype in SAFETENSORS_DTYPES.values() else "float32",
+        stored_dtype=weights_dtype if weights_dtype in PLANNED_DTYPES else "float32",
         mixed_precision=first.mixed_precision,
         activation_checkpointing=first.activation_checkpointing,
     )  # fmt: skip
@@ -130,8 +127,8 @@ def settings_from_args(args: argparse.Namespace, stored_dtype: str) -> PlanSetti
 
 def run_plan(args: argparse.Namespace) -> None:
     device_memory = parse_size(args.device_memory)
-    config, stored_dtype = model_shape(args.model)
-    settings = settings_from_args(args, stored_dtype)
+    config, weights_dtype = model_shape(args.model)
+    settings = settings_from_args(args, weights_dtype)
     plan = plan_memory(config, settings)
     fits = plan.peak_bytes <= device_memory
     if args.json:
@@ -142,7 +139,7 @@ def run_plan(args: argparse.Namespace) -> None:
     gb = 1e9
     print(
         f"plan: one {args.stage} step, {plan.parameters / 1e9:.2f}B parameters, vocabulary "
-        f"{config.num_tokens:,}, weights stored in {stored_dtype}"
+        f"{config.num_tokens:,}, weights stored in {weights_dtype}"
     )
     print(f"peak {plan.peak_bytes / gb:.2f} GB during {plan.phase}; device "
           f"{device_memory / gb:.1f} GB: {'fits' if fits else 'DOES NOT FIT'}")  # fmt: skip

@@ -39,11 +39,10 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The adapter trains in its own precision (float32) on a base kept in its stored one
         # (bf16): read the input in the adapter's dtype and hand the result back in the input's.
-        # Under autocast both products run in the autocast dtype anyway.
-        # The scale multiplies the rank-r intermediate, not the full-width output: one
-        # (tokens x out_features) temporary fewer (1.1 GB for Command R7B's fused projection
-        # over 8k tokens in float32). Under autocast the products run in its dtype whatever the
-        # input's, so a float32 copy of the input would only be kept for backward, unused.
+        # Under autocast the products run in its dtype whatever the input's, so a float32 copy
+        # of the input would only be kept for backward, unused. The scale multiplies the rank-r
+        # intermediate, not the full-width output: one (tokens x out_features) temporary fewer
+        # (1.1 GB for Command R7B's fused projection over 8k tokens in float32).
         dtype = x.dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.down.dtype)

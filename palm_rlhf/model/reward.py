@@ -25,8 +25,12 @@ from beartype import beartype
 from torch import Tensor, nn
 
 from ..config import LoRAConfig, PaLMConfig, check, check_ints, check_numbers, config_from_dict
-from ..storage.atomic import read_json
-from ..storage.checkpoint import WEIGHTS_NAME, load_model_dir, resolve_run_dir, save_model_dir
+from ..storage.checkpoint import (
+    WEIGHTS_NAME,
+    load_model_dir,
+    read_checkpoint_files,
+    save_model_dir,
+)
 from ..storage.safetensors import load_safetensors
 from ..tokenizers.files import TOKENIZER_FILES
 from .lora import fold_policy_adapter, lora_parameters
@@ -256,21 +260,16 @@ class RewardModel(nn.Module):
         the reward scope, the heads and the score normalisation are read from the file, so a
         policy and its reward model share one base in memory. The scope joins the trunk's
         others (a policy's actor); the trunk's tokenizer must be the checkpoint's."""
-        directory = resolve_run_dir(Path(directory))
-        files = {}
-        for name in (*CHECKPOINT_JSON, "reward_config.json", *TOKENIZER_FILES):
-            path = directory / name
-            if path.is_file():  # tokenizer files stay text, as `tokenizer_files` holds them
-                text = name in TOKENIZER_FILES
-                files[name] = path.read_text(encoding="utf-8") if text else read_json(path)
-        if "reward_config.json" not in files:
+        names = (*CHECKPOINT_JSON, "reward_config.json")
+        directory, files = read_checkpoint_files(directory, names, TOKENIZER_FILES)
+        if files["reward_config.json"] is None:
             raise ValueError(f"{directory}: no reward_config.json (not a reward model)")
         config = RewardConfig.from_dict(files["reward_config.json"])
         if config.lora_rank == 0:
             raise ValueError(f"{directory}: a fully fine-tuned reward model has its own trunk")
         if PaLMConfig.from_dict(files["config.json"]) != trunk.config:
             raise ValueError(f"{directory}: the reward model's architecture is not the trunk's")
-        saved_tokenizer = {n: files[n] for n in TOKENIZER_FILES if n in files}
+        saved_tokenizer = {n: files[n] for n in TOKENIZER_FILES if files[n] is not None}
         if saved_tokenizer != trunk.tokenizer_files:
             raise ValueError(f"{directory}: the reward model reads another tokenizer")
         saved_scope = (files.get("lora.json") or {}).get(REWARD_SCOPE) or {}

@@ -76,7 +76,7 @@ class PPOConfig:
     base_dtype: str = "stored"
     """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
     bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain, SFT, --full-finetune) always train float32 master weights."""
+    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
@@ -190,7 +190,7 @@ class GRPOConfig:
     base_dtype: str = "stored"
     """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
     bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain, SFT, --full-finetune) always train float32 master weights."""
+    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""

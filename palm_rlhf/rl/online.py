@@ -150,11 +150,13 @@ def load_reward_model(
     elif saved is None:
         why = "its checkpoint records no base digest (saved by an older palm_rlhf)"
     else:
-        recorded = read_base_digest(policy_dir) if policy_dir is not None else None
-        # An adapter the policy checkpoint carried was folded into the base: hash what is held.
-        lora_json = resolve_run_dir(Path(policy_dir or ".")) / "lora.json"
-        unchanged = recorded is not None and not lora_json.is_file()
-        if saved == (recorded if unchanged else policy.base_digest()):
+        # An adapter the policy checkpoint carried was folded into the base (its lora.json says
+        # so): then hash what is held instead of trusting the recorded digest.
+        recorded = None
+        if policy_dir is not None:
+            folded = (resolve_run_dir(Path(policy_dir)) / "lora.json").is_file()
+            recorded = None if folded else read_base_digest(policy_dir)
+        if saved == (recorded or policy.base_digest()):
             return RewardModel.from_pretrained_on(directory, policy), None
         why = "its base weights differ from the policy's"
     reward_model = RewardModel.from_pretrained(directory)

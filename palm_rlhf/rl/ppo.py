@@ -161,11 +161,12 @@ class PPOTrainer:
         # (`online.load_reward_model`): the critic is one more scope there, a copy of the
         # reward scope, with the reward's head; no second trunk exists.
         self.shared_base = reward_model is not None and reward_model.trunk is policy
+        if reward_model is not None:  # frozen; the trained parameters are re-enabled below
+            reward_model.eval().requires_grad_(False)
         if self.shared_base:  # (setup_actor refused a full fine-tune of the shared base)
             trunk = policy
             lora = policy.lora_configs[reward_model.lora_scope]  # the copy keeps its rank
             head = normalized_head(reward_model)
-            reward_model.eval().requires_grad_(False)
         elif reward_model is not None:
             trunk = copy.deepcopy(reward_model.trunk)
             # The critic computes what the reward model computes: its own scope folded in,
@@ -176,7 +177,6 @@ class PPOTrainer:
                 else:
                     remove_lora(trunk, scope)
             head = normalized_head(reward_model)
-            reward_model.eval().requires_grad_(False)
         else:
             trunk = copy.deepcopy(policy) if config.full_finetune else policy
             head = LinearHead(policy.config.dim, 1, device=device, dtype=torch.float32)

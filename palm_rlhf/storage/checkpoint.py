@@ -108,6 +108,27 @@ def resolve_run_dir(directory: Path) -> Path:
     return latest_pointer(directory / "checkpoints") or directory
 
 
+def read_checkpoint_files(
+    directory: str | Path, json_names: Iterable[str], text_names: Iterable[str] = ()
+) -> tuple[Path, dict[str, Any]]:
+    """(the checkpoint directory a run directory stands for, {name: parsed JSON, or text for
+    text_names, None where absent}); the first JSON file is required."""
+    directory = resolve_run_dir(Path(directory))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    names = list(json_names)
+    files: dict[str, Any] = {}
+    for name in names:
+        path = directory / name
+        files[name] = read_json(path) if path.is_file() else None
+    if files[names[0]] is None:
+        raise FileNotFoundError(f"{directory / names[0]}: missing")
+    for name in text_names:
+        path = directory / name
+        files[name] = path.read_text(encoding="utf-8") if path.is_file() else None
+    return directory, files
+
+
 def load_model_dir(
     directory: str | Path,
     build: Callable[[dict[str, Any]], M],
@@ -124,19 +145,7 @@ def load_model_dir(
     dtype, or in `dtype` when one is given (cast tensor by tensor). Non-persistent buffers,
     which no file holds, are rebuilt by each module's `rebuild_buffers()`.
     """
-    directory = resolve_run_dir(Path(directory))
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    names = list(json_names)
-    files: dict[str, Any] = {}
-    for name in names:
-        path = directory / name
-        files[name] = read_json(path) if path.is_file() else None
-    if files[names[0]] is None:
-        raise FileNotFoundError(f"{directory / names[0]}: missing")
-    for name in text_names:
-        path = directory / name
-        files[name] = path.read_text(encoding="utf-8") if path.is_file() else None
+    directory, files = read_checkpoint_files(directory, json_names, text_names)
     try:
         with torch.device("meta"):
             model = build(files)

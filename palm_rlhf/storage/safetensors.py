@@ -11,7 +11,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -147,6 +147,21 @@ def load_safetensors(
             f"{path}: not a valid safetensors file ({error}); refusing to load it "
             "(pickled checkpoints are never read)"
         ) from None
+
+
+def stored_dtype(path: str | Path, names: Sequence[str]) -> str | None:
+    """The dtype (torch's name) of the first of `names` a safetensors file holds, read from
+    its header alone; None when it holds none of them."""
+    with safe_open(str(path), framework="pt") as handle:
+        held = set(handle.keys())
+        for name in names:
+            if name in held:
+                kind = handle.get_slice(name).get_dtype()
+                names_by_kind = {
+                    v: str(k).removeprefix("torch.") for k, v in SAFETENSORS_DTYPES.items()
+                }
+                return names_by_kind.get(kind, kind.lower())
+    return None
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
