@@ -1,7 +1,7 @@
 """Pretrain the `tiny` PaLM on the Python standard library's own sources, then sample from it.
 
 python examples/pretrain_stdlib.py --minutes 10 --out runs/tiny
-accelerate launch --config_file examples/accelerate/ddp.yaml examples/pretrain_stdlib.py ...
+accelerate launch --config_file examples/accelerate/gpus.yaml examples/pretrain_stdlib.py ...
 """
 
 import argparse

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from .model.lora import LoRALinear
 from .model.palm import PaLM
@@ -115,10 +116,12 @@ vocabulary the output layer, which is never packed, is most of a step's time any
 def can_pack_weights(model: PaLM) -> bool:
     """MKL's packed float32 GEMM applies: float32 weights on the CPU, a vocabulary of at most
     PACK_MAX_VOCAB, and no autocast (which would hand the packed product bf16 inputs; PPO/GRPO
-    sample under it with bf16 mixed precision)."""
+    sample under it with bf16 mixed precision). Not for a model sharded with FSDP2: its
+    weights are whole only while gathered, and a packed copy would be one more whole copy."""
     weight = model.token_emb.weight
     return (
-        weight.device.type == "cpu"
+        not isinstance(model, FSDPModule)
+        and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and model.config.num_tokens <= PACK_MAX_VOCAB
         and not torch.is_autocast_enabled("cpu")

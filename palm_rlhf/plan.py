@@ -78,6 +78,14 @@ class PlanSettings:
     base_dtype: str = "stored"
     mixed_precision: str = "no"
     activation_checkpointing: bool = False
+    processes: int = 1
+    """Processes the run is launched on (accelerate launch --num_processes)."""
+    fsdp: bool = False
+    """Shard the models over the processes (FSDP2): the plan is then one process's share."""
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
 
 
 @dataclass
@@ -225,21 +233,82 @@ def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
 
         run("minibatch update", update)
 
-    phase = max(phases, key=lambda k: phases[k][0])
-    total, gradients, kv = phases[phase]
     trainable = _bytes(trained) + _bytes(_optimizer_state(optimizer))
-    activations = max(0, total - frozen - trainable - gradients - kv)
+    split = {  # phase -> the bytes of each category at the phase's peak
+        name: _split(peak, gradients, kv, frozen, trainable)
+        for name, (peak, gradients, kv) in phases.items()
+    }
+    if s.fsdp:
+        units = _Units(policy, module, optimizer, trained_ids, s.processes)
+        split = {name: units.per_process(name, categories) for name, categories in split.items()}
+    totals = {name: sum(categories.values()) for name, categories in split.items()}
+    phase = max(totals, key=totals.get)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab)
     return MemoryPlan(
-        peak_bytes=total,
+        peak_bytes=totals[phase],
         phase=phase,
-        categories=dict(
-            zip(CATEGORIES, (frozen, trainable, gradients, kv, activations), strict=True)
-        ),
+        categories=split[phase],
         logits_chunk_bytes=rows_per_chunk * vocab * 4,
         parameters=sum(p.numel() for p in module.parameters()),
-        phases={name: value[0] for name, value in phases.items()},
+        phases=totals,
     )
+
+
+def _split(peak: int, gradients: int, kv: int, frozen: int, trainable: int) -> dict[str, int]:
+    """A phase's peak in CATEGORIES: what is not weights, optimizer state, gradients or the KV
+    cache is activations (temporaries included)."""
+    activations = max(0, peak - frozen - trainable - gradients - kv)
+    return dict(zip(CATEGORIES, (frozen, trainable, gradients, kv, activations), strict=True))
+
+
+GATHERED = "gathered weights (FSDP)"
+BACKWARD_PHASES = ("training step", "minibatch update")
+
+
+class _Units:
+    """One process's share of a phase under FSDP2, as `training.fsdp` shards: every weight,
+    optimizer state and gradient split dim-0 across the processes (padded to equal shards),
+    plus what is whole at that moment. Training and scoring passes gather the embedding's unit
+    for the whole pass and one block at a time with the next one prefetched (two blocks);
+    generation gathers the whole model once (`training.fsdp.gathered`). In backward a unit's
+    gradient is whole until it is reduce-scattered: two units' worth at a time. Activations
+    and the KV cache are the process's own, as measured."""
+
+    def __init__(self, policy: PaLM, module, optimizer, trained_ids: set[int], processes: int):
+        self.processes = processes
+        blocks = [list(block.parameters()) for block in policy.blocks]
+        in_blocks = {id(p) for params in blocks for p in params}
+        root = [p for p in module.parameters() if id(p) not in in_blocks]
+        self.whole = _bytes(module.parameters())
+        self.gathered = _bytes(root) + 2 * max(_bytes(params) for params in blocks)
+        trained_units = [[p for p in unit if id(p) in trained_ids] for unit in [root, *blocks]]
+        self.unit_gradients = 2 * max(_bytes(unit) for unit in trained_units)
+        self.frozen = self._shard([p for p in module.parameters() if id(p) not in trained_ids])
+        self.trainable = self._shard(
+            [p for p in module.parameters() if id(p) in trained_ids]
+        ) + self._shard(_optimizer_state(optimizer))
+
+    def _shard(self, tensors) -> int:
+        """Bytes of this process's shards: ceil(rows / processes) rows of each tensor."""
+        total = 0
+        for t in tensors:
+            rows = t.shape[0] if t.ndim else 1
+            row_bytes = t.numel() // max(rows, 1) * t.element_size()
+            total += math.ceil(rows / self.processes) * row_bytes
+        return total
+
+    def per_process(self, phase: str, categories: dict[str, int]) -> dict[str, int]:
+        gradients = math.ceil(categories["gradients"] / self.processes)
+        if phase in BACKWARD_PHASES:
+            gradients += self.unit_gradients
+        return {
+            "frozen weights": self.frozen,
+            "trainable weights + optimizer state": self.trainable,
+            "gradients": gradients,
+            "KV cache": categories["KV cache"],
+            "activations": categories["activations"],
+            GATHERED: self.whole if phase == "generation" else self.gathered,
+        }
 
 
 def _scores(reward_model: RewardModel, tokens: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,7 @@ def test_generate_does_not_sync_once_per_token():
     assert long - short <= 72 // 16 + 1, (short, long)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 8, reason="examples/accelerate/ddp.yaml: 8 GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 8, reason="examples/accelerate/gpus.yaml: 8 GPUs")
 def test_readme_ddp_command_runs_one_process_per_gpu(tmp_path):
     # The README's DDP command, shortened to 2 steps of the tiny preset (the command as written
     # pretrains `small` for 1000 steps); the launch config is used as written.
@@ -195,7 +195,7 @@ def test_readme_ddp_command_runs_one_process_per_gpu(tmp_path):
     from test_readme_commands import ROOT, readme_commands
 
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    commands = readme_commands(r"^accelerate launch .*ddp\.yaml")
+    commands = readme_commands(r"^accelerate launch .*gpus\.yaml")
     assert commands
     for command in commands:
         words = shlex.split(command.replace("--preset small", "--preset tiny"))

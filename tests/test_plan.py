@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.cli import main
-from palm_rlhf.plan import CATEGORIES, LiveBytes, PlanSettings, parse_size, plan_memory
+from palm_rlhf.plan import CATEGORIES, GATHERED, LiveBytes, PlanSettings, parse_size, plan_memory
 
 CONFIG = PaLMConfig(num_tokens=4096, dim=64, depth=4, heads=4, kv_heads=1, dim_head=16,
                     max_seq_len=512)  # fmt: skip
@@ -73,6 +73,64 @@ def test_the_plan_moves_with_the_settings():
         deep, PlanSettings("sft", batch_size=4, seq_len=256, activation_checkpointing=True)
     )
     assert checkpointed.categories["activations"] < plain.categories["activations"] / 3
+
+
+def shard_bytes(tensors, processes: int) -> int:
+    """FSDP2's dim-0 shards, padded to equal rows: ceil(rows / processes) rows per process."""
+    return sum(-(-t.shape[0] // processes) * t[0].numel() * t.element_size() for t in tensors)
+
+
+def test_fsdp_plans_one_processs_share():
+    # A full fine-tune SFT on 4 processes: weights and both AdamW moments (all float32) are
+    # split dim-0 four ways; the embedding's unit and two blocks are whole during the pass, and
+    # two units' gradients are whole in backward before their reduce-scatter.
+    settings = dict(batch_size=2, seq_len=128, lora_rank=0)
+    single = plan_memory(CONFIG, PlanSettings("sft", **settings))
+    sharded = plan_memory(CONFIG, PlanSettings("sft", processes=4, fsdp=True, **settings))
+    model = PaLM(CONFIG)
+    params = list(model.parameters())
+    block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    root = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("blocks"))
+    categories = sharded.categories
+    steps = 4 * len(params)  # AdamW's step count per tensor: a float32 scalar, not split
+    assert categories["trainable weights + optimizer state"] == 3 * shard_bytes(params, 4) + steps
+    assert categories[GATHERED] == root + 2 * block
+    assert categories["activations"] == single.categories["activations"]  # the process's own
+    assert categories["gradients"] == -(-single.categories["gradients"] // 4) + 2 * root
+    assert sharded.peak_bytes == sum(categories.values())
+    assert sharded.peak_bytes < single.peak_bytes
+
+
+def test_fsdp_generation_gathers_the_whole_model_once():
+    # GRPO decodes with the policy gathered whole (each process to its own rows' eos), so the
+    # generation phase holds every weight beside the shards; the update holds two blocks.
+    settings = dict(lora_rank=4, rollout_rows=8, minibatch_size=4)
+    plan = plan_memory(CONFIG, PlanSettings("grpo", processes=8, fsdp=True, **settings))
+    whole = sum(p.numel() * 4 for p in PaLM(CONFIG).parameters())
+    assert set(plan.phases) == {"generation", "log-probs and scores", "minibatch update"}
+    with_adapters = plan_memory(CONFIG, PlanSettings("grpo", **settings))
+    frozen = with_adapters.categories["frozen weights"]
+    assert frozen == whole
+    # Eight processes: an eighth of the frozen base each (padding aside)
+    assert plan.categories["frozen weights"] == shard_bytes(list(PaLM(CONFIG).parameters()), 8)
+    if plan.phase == "generation":
+        assert plan.categories[GATHERED] > whole  # the base and its adapters, whole
+
+
+def test_cli_plans_processes_with_fsdp(capsys, tmp_path):
+    PaLM(CONFIG).save_pretrained(tmp_path / "model")
+    args = ["plan", "sft", str(tmp_path / "model"), "--batch-size", "1", "--seq-len", "64"]
+    assert main([*args, "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main([*args, "--processes", "4", "--fsdp", "--json"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert sharded["settings"]["processes"] == 4 and sharded["settings"]["fsdp"] is True
+    assert sharded["peak_bytes"] < whole["peak_bytes"]
+    assert main([*args, "--processes", "4", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "4 processes, sharded with FSDP2" in out and GATHERED in out
+    assert main([*args, "--processes", "0"]) == 2
+    assert "processes must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_plans_from_a_published_config_without_weights(capsys, tmp_path):

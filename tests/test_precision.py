@@ -227,15 +227,16 @@ def test_base_dtype_overrides_the_stored_dtype_and_full_finetunes_train_float32(
 
 @pytest.fixture
 def autocast_states(monkeypatch):
-    """Whether CPU autocast was on in each forward pass of any PaLM."""
+    """Whether CPU autocast was on in each forward pass of any PaLM (every pass, through
+    forward or forward_hidden, runs the trunk's body `_hidden`)."""
     states = []
-    original = PaLM.forward_hidden
+    original = PaLM._hidden
 
-    def forward_hidden(self, *args, **kwargs):
+    def hidden(self, *args, **kwargs):
         states.append(torch.is_autocast_enabled("cpu"))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PaLM, "forward_hidden", forward_hidden)
+    monkeypatch.setattr(PaLM, "_hidden", hidden)
     return states
 
 

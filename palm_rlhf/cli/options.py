@@ -46,12 +46,15 @@ def add_dataclass_options(
             help_text += " (default: from --preset)"
         else:
             help_text += f" (default: {default})"
+        # A bool option given alone means true (--fsdp); --fsdp false still reads a value.
+        bare = {"nargs": "?", "const": True} if isinstance(default, bool) else {}
         group.add_argument(
             _flag(field.name),
             dest=field.name,
             default=None,
             type=_option_type(field),
             help=help_text,
+            **bare,
         )
 
 
@@ -138,8 +141,12 @@ def dataclass_from_args(
         raise
 
 
-def print_done(last: dict[str, Any], out: Path, num_processes: int = 1) -> None:
+def print_done(last: dict[str, Any], out: Path, accelerator: Any) -> None:
+    """The last logged record, on every process: each machine of a multi-machine run shows
+    how its processes ended (the record is reduced over processes, so the lines agree)."""
     summary = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
     )
-    print(f"done: {summary}; processes={num_processes}; checkpoints in {out / 'checkpoints'}")
+    world = accelerator.num_processes
+    who = "" if accelerator.is_main_process else f" (process {accelerator.process_index})"
+    print(f"done{who}: {summary}; processes={world}; checkpoints in {out / 'checkpoints'}")

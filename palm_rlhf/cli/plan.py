@@ -11,7 +11,7 @@ from typing import Any
 from ..config import PaLMConfig
 from ..hf.config import palm_config_from_hf
 from ..model.reward import RewardConfig
-from ..plan import CATEGORIES, STAGES, PlanSettings, parse_size, plan_memory
+from ..plan import STAGES, PlanSettings, parse_size, plan_memory
 from ..rl.config import GRPOConfig, PPOConfig
 from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, resolve_run_dir
@@ -48,6 +48,13 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
             "--device-memory", default="80GB", help="memory of one device: 80GB, 24GiB [80GB]"
         )
         sub.add_argument("--json", action="store_true", help="print the plan as JSON")
+        sub.add_argument(
+            "--processes",
+            type=int,
+            default=1,
+            help="processes the run is launched on; with --fsdp the plan is one process's "
+            "share of the sharded models (without it each process holds them whole) [1]",
+        )
         sub.add_argument(
             "--responses",
             type=int,
@@ -93,6 +100,8 @@ def settings_from_args(args: argparse.Namespace, weights_dtype: str) -> PlanSett
         stored_dtype=weights_dtype if weights_dtype in PLANNED_DTYPES else "float32",
         mixed_precision=first.mixed_precision,
         activation_checkpointing=first.activation_checkpointing,
+        processes=args.processes,
+        fsdp=first.fsdp,
     )  # fmt: skip
     if args.stage in ("pretrain", "sft", "reward", "dpo"):
         common.update(batch_size=first.batch_size, seq_len=first.seq_len, responses=args.responses)
@@ -141,10 +150,14 @@ def run_plan(args: argparse.Namespace) -> None:
         f"plan: one {args.stage} step, {plan.parameters / 1e9:.2f}B parameters, vocabulary "
         f"{config.num_tokens:,}, weights stored in {weights_dtype}"
     )
+    if settings.processes > 1 or settings.fsdp:
+        how = "sharded with FSDP2: one process's share" if settings.fsdp else (
+            "DDP: each process holds the whole model, as one process does")  # fmt: skip
+        print(f"{settings.processes} processes, {how}")
     print(f"peak {plan.peak_bytes / gb:.2f} GB during {plan.phase}; device "
           f"{device_memory / gb:.1f} GB: {'fits' if fits else 'DOES NOT FIT'}")  # fmt: skip
-    for name in CATEGORIES:
-        print(f"  {name:38s} {plan.categories[name] / gb:8.2f} GB")
+    for name, size in plan.categories.items():
+        print(f"  {name:38s} {size / gb:8.2f} GB")
     print(
         f"  {'(of the activations: one logits chunk)':38s} {plan.logits_chunk_bytes / gb:8.2f} GB"
     )

@@ -23,6 +23,7 @@ from ..rl.ppo import PPOTrainer
 from ..tokenizers.files import load_tokenizer
 from ..training.config import DPOConfig
 from ..training.dpo import train_dpo
+from ..training.fsdp import saves_here
 from ..training.runs import claim_run_dir, read_metrics
 from .options import add_dataclass_options, add_run_options, dataclass_from_args, make_accelerator
 from .stages import add_preference_stage_options, run_preference_stage
@@ -331,11 +332,13 @@ def run_online_stage(trainer: Any, args: argparse.Namespace, state_dir: Path, st
     )
     trainer.save(state_dir)
     accelerator = trainer.accelerator
-    if accelerator.is_main_process:
+    if saves_here(trainer.policy, accelerator):
         # The policy alone: its actor scope, not the critic and reward scopes that may share
         # its base.
         actor = [trainer.actor_scope] if trainer.actor_scope is not None else []
-        trainer.policy.save_pretrained(args.out / "policy", scopes=actor)
+        main = accelerator.is_main_process
+        trainer.policy.save_pretrained(args.out / "policy", scopes=actor, write=main)
+    if accelerator.is_main_process:
         history = read_metrics(args.out / f"{stage}_metrics.jsonl")
         plots = write_ppo_curves(history, args.out, title=f"palm-rlhf {stage}", stage=stage)
         last = history[-1]

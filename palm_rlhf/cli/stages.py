@@ -125,8 +125,8 @@ def run_train(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         data=args.data or "stdlib",
     )
-    if accelerator.is_main_process and history:
-        print_done(history[-1], args.out, accelerator.num_processes)
+    if history:
+        print_done(history[-1], args.out, accelerator)
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -261,8 +261,8 @@ def run_preference_stage(
         log_with=args.log_with,
         overwrite=args.overwrite,
     )
-    if accelerator.is_main_process and history:
-        print_done(history[-1], args.out, accelerator.num_processes)
+    if history:
+        print_done(history[-1], args.out, accelerator)
 
 
 def add_score_parser(subparsers: argparse._SubParsersAction) -> None:

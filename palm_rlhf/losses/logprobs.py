@@ -83,11 +83,9 @@ def token_stats_from_hidden(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).clamp(min=0)  # IGNORE_INDEX reads row 0; callers mask it
     logprobs, log_z, ent = _ChunkedTokenStats.apply(
-        flat_hidden, weight, flat_targets, scale / temperature, entropy, chunk_size
+        flat_hidden, weight, flat_targets, scale / temperature, entropy, chunk_size, shape
     )
-    return TokenStats(
-        logprobs.reshape(shape), log_z.reshape(shape), ent.reshape(shape) if entropy else None
-    )
+    return TokenStats(logprobs, log_z, ent if entropy else None)
 
 
 class _ChunkedTokenStats(torch.autograd.Function):
@@ -100,15 +98,17 @@ class _ChunkedTokenStats(torch.autograd.Function):
     autocast the matrix products run in the autocast dtype in both directions."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, factor, entropy, chunk_size):
+    def forward(ctx, hidden, weight, targets, factor, entropy, chunk_size, shape):
         device = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.factor, ctx.entropy, ctx.chunk_size = factor, entropy, chunk_size
         ctx.save_for_backward(hidden, weight, targets)
         rows = hidden.shape[0]
-        logprobs = hidden.new_empty(rows, dtype=torch.float32)
-        log_z = hidden.new_empty(rows, dtype=torch.float32)
-        ent = hidden.new_zeros(rows if entropy else 0, dtype=torch.float32)
+        # Outputs in the targets' shape, written through flat views: returned as tensors of
+        # their own, not views (a module that returns a view cannot be hooked safely by FSDP2).
+        outputs = [hidden.new_empty(shape, dtype=torch.float32) for _ in range(2)]
+        outputs.append(hidden.new_zeros(shape if entropy else (0,), dtype=torch.float32))
+        logprobs, log_z, ent = (out.view(-1) for out in outputs)
         for start in range(0, rows, chunk_size):
             end = min(rows, start + chunk_size)
             z = _scaled_logits(hidden[start:end], weight, factor)  # (c, v)
@@ -118,11 +118,15 @@ class _ChunkedTokenStats(torch.autograd.Function):
             if entropy:
                 p = (z - lse[:, None]).exp_()
                 ent[start:end] = lse - (p * z).sum(dim=-1)
-        return logprobs, log_z, ent
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_log_z, grad_entropy):
         hidden, weight, targets = ctx.saved_tensors
+        flat = [None if g is None else g.reshape(-1) for g in (grad_logprobs, grad_log_z)]
+        grad_logprobs, grad_log_z = flat
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.reshape(-1)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         enabled, dtype = ctx.autocast
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -165,6 +169,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if want_weight else None,
+            None,
             None,
             None,
             None,

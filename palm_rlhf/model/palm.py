@@ -99,7 +99,9 @@ class PaLM(nn.Module):
         wrapper's gradient hooks run. last_only: the logits of the last position, (b, 1, v), all
         a sampler reads (a prefill of a long prompt at a 256,000-token vocabulary would
         otherwise build b x n x v logits to keep one row of them)."""
-        hidden = self.forward_hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
+        # The body, not the public forward_hidden: a wrapper that gathers sharded weights
+        # around each entry point (FSDP2) would free them again before the logits below.
+        hidden = self._hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
         if targets is None:
             return self.to_logits(hidden[:, -1:] if last_only else hidden)
         return token_stats_from_hidden(
@@ -133,6 +135,17 @@ class PaLM(nn.Module):
         Masks stay on the device: whether a batch has padding is read once, when a mask is
         given (a prompt), and a cache remembers it for the decoding steps that follow.
         """
+        return self._hidden(tokens, mask, positions, cache, lora_scope, validate_ids)
+
+    def _hidden(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None,
+        positions: Tensor | None,
+        cache: KVCache | None,
+        lora_scope: str | None,
+        validate_ids: bool,
+    ) -> Tensor:
         given_mask = mask
         mask = self._validate(tokens, mask, positions, cache, lora_scope, validate_ids)
         past = cache.length if cache is not None else 0
@@ -299,15 +312,19 @@ class PaLM(nn.Module):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, directory: str | Path, scopes: Collection[str] | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | Path, scopes: Collection[str] | None = None, write: bool = True
+    ) -> None:
         """Write config.json (+ lora.json), model.safetensors and the tokenizer's files,
         atomically. scopes: the adapter scopes to keep (None: all); a PPO policy that shares
-        its base with the critic and reward scopes saves only its actor."""
+        its base with the critic and reward scopes saves only its actor. A model sharded over
+        processes is gathered a tensor at a time: every process calls this, one with write=True
+        (`storage.checkpoint.save_model_dir`)."""
         state = self.state_dict()
         if scopes is not None:
             dropped = [f".adapters.{s}." for s in self.lora_configs if s not in scopes]
             state = {n: t for n, t in state.items() if not any(d in n for d in dropped)}
-        save_model_dir(directory, state, self.checkpoint_json(scopes))
+        save_model_dir(directory, state, self.checkpoint_json(scopes), write=write)
 
     def checkpoint_json(self, scopes: Collection[str] | None = None) -> dict[str, Any]:
         """The files of a checkpoint of this model besides its weights (name -> JSON object,

@@ -80,6 +80,10 @@ class PPOConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
+    fsdp: bool = False
+    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
+    gradients and optimizer state split across processes, gathered a block at a time. Launch
+    with `accelerate launch`; sampling and evaluation gather the whole model once."""
     seed: int = 0
     """Seed for prompt order, sampling and minibatch shuffling."""
 
@@ -194,6 +198,10 @@ class GRPOConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
+    fsdp: bool = False
+    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
+    gradients and optimizer state split across processes, gathered a block at a time. Launch
+    with `accelerate launch`; sampling and evaluation gather the whole model once."""
     log_samples: int = 2
     """Completions written to grpo_samples.jsonl per iteration (rank 0)."""
     seed: int = 0

@@ -53,6 +53,7 @@ from ..losses.masked import masked_mean, masked_whiten
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer
+from ..training.fsdp import shard_optimizer_state
 from ..training.step import WindowSchedule
 from .config import GRPOConfig
 from .online import (
@@ -65,6 +66,7 @@ from .online import (
     run_iterations,
     set_online_dtypes,
     setup_actor,
+    shard_online_models,
     trainable_tensors,
 )
 from .rollout import (
@@ -76,8 +78,8 @@ from .rollout import (
 )
 from .run_state import (
     accumulation_divisors,
-    average_gradients,
     mean_over_processes,
+    optimizer_step,
     sum_over_processes,
 )
 
@@ -112,10 +114,12 @@ class GRPOTrainer:
         files = [METRICS_NAME, SAMPLES_NAME]
         self.run = OnlineRun("grpo", files, self.accelerator, out_dir, overwrite)
         torch.manual_seed(config.seed)
-        device = self.accelerator.device
-        policy.to(device)
+        if not config.fsdp:  # sharding moves each unit to the device as it shards it
+            policy.to(self.accelerator.device)
         if reward_model is not None:
-            reward_model.to(device).eval().requires_grad_(False)
+            reward_model.eval().requires_grad_(False)
+            if not config.fsdp:
+                reward_model.to(self.accelerator.device)
         self.policy = policy
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         actor = setup_actor(policy, config.full_finetune, lora, reward_model)
@@ -123,6 +127,8 @@ class GRPOTrainer:
         self.reference, self.actor_scope, self.actor_params = actor
         models = [policy, self.reference, reward_model]
         set_online_dtypes(models, self.actor_params, config.base_dtype, config.full_finetune)
+        if config.fsdp:
+            self.actor_params = shard_online_models(models, policy, actor, self.accelerator)
         self.optimizer = torch.optim.AdamW(self.actor_params, lr=config.lr, weight_decay=0.0)
         self.prompt_schedule = WindowSchedule(len(self.prompts), config.seed)
         self.iteration, self.prompt_cursor = 0, 0
@@ -276,7 +282,7 @@ class GRPOTrainer:
                     )
                 self.accelerator.backward(loss)
                 if (index + 1) % config.grad_accum == 0 or index == len(chunks) - 1:
-                    self._optimizer_step()
+                    optimizer_step(self.optimizer, self.accelerator, config.grad_clip)
                 record["policy_loss"] = loss.item() * (
                     divisors[index] if step_tokens is None else 1
                 )
@@ -298,14 +304,6 @@ class GRPOTrainer:
             total = sum_over_processes(local, self.accelerator).clamp(min=1)
             counts.extend([total] * len(group))
         return counts
-
-    def _optimizer_step(self) -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        average_gradients(params, self.accelerator)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------- one iteration
 
@@ -401,7 +399,7 @@ class GRPOTrainer:
         lines logged after the saved iteration are dropped, so none appears twice."""
         state = self.run.load(directory, self.config, self.trainable_state(), self.generators())
         self.engine.rewards.check_setup(state.get("rewards"), directory)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, state["optimizer"]))
         self.iteration = int(state["iteration"])
         self.prompt_cursor = int(state["prompt_cursor"])
 

@@ -5,8 +5,9 @@
 - `setup_actor`: the policy the checkpoint holds (an adapter it carries folded in), its
   reference (the same base with adapters off; with full_finetune, a frozen copy) and the
   parameters that train (the "actor" LoRA scope, or every weight);
-- `online_accelerator` and `set_online_dtypes`: the accelerator at the config's precision, and
-  trained parameters in float32 beside a frozen base kept as stored;
+- `online_accelerator`, `set_online_dtypes` and `shard_online_models`: the accelerator at the
+  config's precision, trained parameters in float32 beside a frozen base kept as stored, and
+  every model sharded with FSDP2 when asked;
 - `make_generators` and `make_engine`: the per-process sampling and shuffling generators and the
   `RolloutEngine` built from a trainer's config;
 - `OnlineRun`: the run directory (its JSONL files claimed once, continued on resume) and the
@@ -29,13 +30,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import LoRAConfig
-from ..model.lora import fold_policy_adapter
+from ..model.lora import fold_policy_adapter, lora_parameters
 from ..model.palm import PaLM, read_base_digest
 from ..model.reward import RewardModel
 from ..progress import progress_kwargs
 from ..storage.atomic import read_json
 from ..storage.checkpoint import resolve_run_dir
 from ..tokenizers.base import Tokenizer
+from ..training.fsdp import shard_models
 from ..training.runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
 from ..training.step import FULL_FINETUNE_BASE_DTYPE, set_training_dtypes
 from .rollout import RewardFn, RewardSources, RolloutEngine
@@ -98,6 +100,17 @@ def setup_actor(
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
         return Actor(reference, None, list(policy.requires_grad_(True).parameters()))
     return Actor(policy, ACTOR, policy.add_lora(ACTOR, lora))  # add_lora freezes the base
+
+
+def shard_online_models(
+    models: Sequence[nn.Module | None], policy: PaLM, actor: Actor, accelerator: Accelerator
+) -> list[nn.Parameter]:
+    """Shard every model of the trainer with FSDP2 (`training.fsdp.shard_models`) and return
+    the actor's parameters again: sharding replaces each parameter with its sharded one."""
+    shard_models(models, accelerator)
+    if actor.scope is None:
+        return list(policy.parameters())
+    return lora_parameters(policy, actor.scope)
 
 
 def online_accelerator(accelerator: Accelerator | None, mixed_precision: str) -> Accelerator:

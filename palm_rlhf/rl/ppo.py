@@ -56,6 +56,7 @@ from ..model.lora import copy_scope, lora_parameters, merge_lora, remove_lora
 from ..model.palm import PaLM
 from ..model.reward import LinearHead, RewardModel
 from ..tokenizers.base import Tokenizer
+from ..training.fsdp import shard_optimizer_state
 from ..training.step import WindowSchedule
 from .config import PPOConfig
 from .online import (
@@ -68,13 +69,14 @@ from .online import (
     run_iterations,
     set_online_dtypes,
     setup_actor,
+    shard_online_models,
     trainable_tensors,
 )
 from .rollout import RewardFn, Samples, Trajectory, as_records, response_logits
 from .run_state import (
     accumulation_divisors,
-    average_gradients,
     mean_over_processes,
+    optimizer_step,
 )
 
 CRITIC = "critic"
@@ -148,9 +150,10 @@ class PPOTrainer:
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         # The loop places the models (they know nothing about devices, STYLE habit 2).
         device = self.accelerator.device
-        policy.to(device)
-        if reward_model is not None:
-            reward_model.to(device)
+        if not config.fsdp:  # sharding moves each unit to the device as it shards it
+            policy.to(device)
+            if reward_model is not None:
+                reward_model.to(device)
 
         # Policy and reference: one base; the reference is the base with adapters off.
         self.policy = policy
@@ -197,6 +200,9 @@ class PPOTrainer:
             param.requires_grad_(True)
         models = [policy, self.reference, self.critic, reward_model]
         set_online_dtypes(models, trained, config.base_dtype, config.full_finetune)
+        if config.fsdp:
+            self.actor_params = shard_online_models(models, policy, actor, self.accelerator)
+            self.critic_params = self.critic.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": self.actor_params, "lr": config.lr},
@@ -303,11 +309,7 @@ class PPOTrainer:
                 )
                 self.accelerator.backward(loss / divisors[index])
                 if (index + 1) % config.grad_accum == 0 or index == len(chunks) - 1:
-                    self._average_gradients()
-                    if config.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self._trainable(), config.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(self.optimizer, self.accelerator, config.grad_clip)
                 record = {
                     **{k: v.item() for k, v in policy_stats.items()},
                     **{k: v.item() for k, v in value_stats.items()},
@@ -327,12 +329,6 @@ class PPOTrainer:
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         """What is logged, and the KL the adaptive controller sees, describe the whole batch."""
         return mean_over_processes(metrics, self.accelerator)
-
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def _average_gradients(self) -> None:
-        average_gradients(self._trainable(), self.accelerator)
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -366,7 +362,7 @@ class PPOTrainer:
         iteration are dropped from ppo_metrics.jsonl, so none appears twice."""
         state = self.run.load(directory, self.config, self.trainable_state(), self.generators())
         self.engine.rewards.check_setup(state.get("rewards"), directory)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, state["optimizer"]))
         self.kl_controller.load_state_dict(state["kl"])
         self.iteration = int(state["iteration"])
 

@@ -36,6 +36,7 @@ from ..losses.logprobs import TokenStats
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..tokenizers.base import Tokenizer, encode_prompt, stop_ids
+from ..training.fsdp import gathered
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -185,7 +186,9 @@ class RolloutEngine:
         records = [r for r in as_records(records) for _ in range(group_size)]
         prompts = [r.prompt for r in records]
         prompt_rows = [encode_prompt(tok, p, self.max_prompt_tokens) for p in prompts]
-        with self.autocast():
+        # Sharded (FSDP2): the policy is gathered once for the whole decode, so each process
+        # decodes to its own rows' eos with no collective between steps.
+        with self.autocast(), gathered(self.policy):
             out = generate(
                 self.policy,
                 prompt_rows,

@@ -1,9 +1,10 @@
 """What the online trainers (PPO, GRPO) share about running on several processes and resuming.
 
-- `mean_over_processes`, `average_gradients`, `sum_over_processes`: every rank logs the same
-  numbers and takes the same optimizer step (the predecessor's adapters drifted apart under
-  DDP). Only adapters (and a value head) train, so an explicit all-reduce of those small
-  gradients replaces a DDP wrapper around a model whose scopes are used by turns.
+- `mean_over_processes`, `average_gradients`, `sum_over_processes`, `optimizer_step`: every
+  rank logs the same numbers and takes the same optimizer step (the predecessor's adapters
+  drifted apart under DDP). Unsharded, an explicit all-reduce of the trained gradients
+  (adapters, a value head) replaces a DDP wrapper around a model whose scopes are used by
+  turns; sharded (FSDP2), FSDP reduces them itself.
 - `save_rl_state` / `load_rl_state`: trained tensors, optimizer, counters and every process's
   RNG states (torch, CUDA, the trainer's sampling and shuffling generators), so a resumed run on
   the same number of processes replays the uninterrupted one. The frozen base is not saved: it
@@ -20,10 +21,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, save_model_dir
 from ..storage.safetensors import flatten_state, load_safetensors, unflatten_state
+from ..training.fsdp import clip_gradients, load_into
 from ..training.state import gather_rng_states, restore_rng_states
 
 
@@ -54,12 +57,28 @@ def sum_over_processes(x: Tensor, accelerator: Accelerator) -> Tensor:
 
 
 def average_gradients(params: list[nn.Parameter], accelerator: Accelerator) -> None:
-    """Average gradients over processes before an optimizer step (a missing grad counts 0)."""
+    """Average gradients over processes before an optimizer step (a missing grad counts 0).
+    Sharded parameters (FSDP) are skipped: FSDP's reduce-scatter already averaged theirs."""
     if accelerator.num_processes == 1:
         return
     for param in params:
+        if isinstance(param, DTensor):
+            continue
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
         param.grad = accelerator.reduce(grad, reduction="mean")
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, accelerator: Accelerator, grad_clip: float
+) -> None:
+    """Average the gradients over processes, clip their global norm to grad_clip (0: no
+    clipping), step and zero them: the update both online trainers make."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    average_gradients(params, accelerator)
+    if grad_clip > 0:
+        clip_gradients(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def accumulation_divisors(num_minibatches: int, grad_accum: int) -> list[int]:
@@ -88,7 +107,9 @@ def save_rl_state(
     for name, generator in generators.items():
         generator_state = generator.get_state()[None].to(accelerator.device)
         rng[name] = accelerator.gather(generator_state).cpu()
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main or any(isinstance(t, DTensor) for t in trainable.values()):
+        # Sharded tensors (FSDP) are gathered one at a time on every process; main writes.
         tensors, skeleton = flatten_state(
             {**state, "num_processes": accelerator.num_processes, **rng}
         )
@@ -97,6 +118,7 @@ def save_rl_state(
             trainable,
             {f"{prefix}_config.json": asdict(config), f"{prefix}_state.json": skeleton},
             {f"{prefix}_state.safetensors": tensors},
+            write=main,
         )
     accelerator.wait_for_everyone()
 
@@ -161,9 +183,8 @@ def load_rl_state(
                 f"{directory}: its {name} generator was saved on another kind of device "
                 f"(this run uses {generator.device}); exact resume needs the same"
             )
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(weights[name])
+    for name, param in trainable.items():
+        load_into(param, weights[name])  # a sharded parameter keeps its shard
     restore_rng_states(state, accelerator)
     for name, generator in generators.items():
         generator.set_state(state[name][rank].clone())

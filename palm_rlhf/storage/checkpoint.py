@@ -27,16 +27,24 @@ def save_model_dir(
     state_dict: dict[str, torch.Tensor],
     json_files: dict[str, Any],
     extra_tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    write: bool = True,
 ) -> None:
     """Write `json_files` (name -> JSON-able object, or a str written as it is; None skips
     it), the weights as model.safetensors and any `extra_tensor_files` (name -> tensors), all
-    in one atomic swap."""
+    in one atomic swap. Sharded tensors are gathered one at a time as they are written, a
+    collective: every process calls this, one with write=True; the others (write=False) take
+    part in the same gathers, in the same order, and write nothing."""
     tensor_files = {WEIGHTS_NAME: state_dict, **(extra_tensor_files or {})}
     plans = {
         name: {key: planned(t) for key, t in tensors.items()}
         for name, tensors in tensor_files.items()
     }
-    save_planned_dir(directory, plans, json_files)
+    if write:
+        save_planned_dir(directory, plans, json_files)
+        return
+    for file_plans in plans.values():  # the order save_planned_dir writes them in
+        for plan in file_plans.values():
+            plan.produce()
 
 
 def save_planned_dir(

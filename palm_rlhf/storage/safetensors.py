@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.tensor import DTensor
 
 # safetensors' names for torch dtypes (the format's header spells them this way).
 SAFETENSORS_DTYPES = {
@@ -42,9 +43,17 @@ class TensorPlan(NamedTuple):
     produce: Callable[[], torch.Tensor]
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (a parameter or optimizer state sharded by FSDP2) is
+    all-gathered, which is a collective every process must make in the same order; any other
+    tensor is itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def planned(tensor: torch.Tensor) -> TensorPlan:
-    """The plan of a tensor already in memory."""
-    return TensorPlan(tuple(tensor.shape), tensor.dtype, lambda: tensor)
+    """The plan of a tensor in memory; a sharded one is gathered when its turn comes (`whole`),
+    so a file of sharded tensors is written one whole tensor at a time."""
+    return TensorPlan(tuple(tensor.shape), tensor.dtype, lambda: whole(tensor))
 
 
 def write_safetensors(handle: BinaryIO, plans: dict[str, TensorPlan]) -> None:
@@ -174,10 +183,11 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """A content hash of named tensors: BLAKE2b over each tensor's name, dtype, shape and bytes,
     in name order, so two checkpoints hold the same weights exactly when their digests agree
-    (however the files were written). Reads every byte once: about as long as writing them."""
+    (however the files were written). Reads every byte once: about as long as writing them.
+    Sharded tensors are gathered one at a time: a collective then (`whole`)."""
     total = hashlib.blake2b(digest_size=32)
     for name in sorted(tensors):
-        tensor = tensors[name].detach()
+        tensor = whole(tensors[name]).detach()
         total.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|"
                      .encode())  # fmt: skip
         data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -52,6 +52,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: activation
     memory of one block instead of all, for about a third more compute; same gradients."""
+    fsdp: bool = False
+    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
+    gradients and optimizer state split across processes, gathered a block at a time. Launch
+    with `accelerate launch`; sampling and evaluation gather the whole model once."""
     eval_every: int = 200
     """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
     eval_batches: int = 8

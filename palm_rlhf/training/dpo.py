@@ -39,6 +39,7 @@ from ..model.palm import PaLM
 from ..tokenizers.base import Tokenizer, pad_sequences
 from ..tokenizers.files import checkpoint_tokenizer
 from .config import DPOConfig, TrainConfig
+from .fsdp import in_lockstep, shard_models
 from .reward import refuse_unused_fields, split_preferences
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
@@ -50,9 +51,9 @@ from .step import (
     clip_and_step,
     due,
     make_loop_accelerator,
-    make_optimizer,
     micro_batches,
     out_of_time,
+    prepare_training,
     progress_bar,
     set_lr,
     set_training_dtypes,
@@ -184,7 +185,9 @@ def evaluate_preferences(
     share of the groups and the sums are reduced over processes."""
     rank, world = accelerator.process_index, accelerator.num_processes
     sums = torch.zeros(3, device=accelerator.device)  # correct, margin sum, pairs
-    for start in range(rank * batch_size, len(groups), world * batch_size):
+    starts = range(rank * batch_size, len(groups), world * batch_size)
+    # A sharded forward is a collective: every process makes as many (`in_lockstep`).
+    for start, counts in in_lockstep(starts, 0, model, accelerator):
         batch = _batch(
             groups[start : start + batch_size],
             refs[start : start + batch_size],
@@ -197,9 +200,10 @@ def evaluate_preferences(
             logratios - batch["ref_logps"], batch["ranks"], batch["group"], config.beta
         )
         pairs = stats["num_pairs"]
-        sums += torch.stack(
-            [stats["reward_accuracy"] * pairs, stats["reward_margin"] * pairs, pairs]
-        )
+        if counts:
+            sums += torch.stack(
+                [stats["reward_accuracy"] * pairs, stats["reward_margin"] * pairs, pairs]
+            )
     sums = accelerator.reduce(sums, reduction="sum") if world > 1 else sums
     pairs = sums[2].clamp(min=1)
     return {
@@ -301,8 +305,11 @@ def train_dpo(
     if dpo_config.full_finetune and config.base_dtype != "stored":
         raise ValueError(FULL_FINETUNE_BASE_DTYPE)
     policy, reference = _policy(init, latest, dpo_config, config.base_dtype)
-    policy.to(accelerator.device)
-    reference.to(accelerator.device)
+    if config.fsdp:  # sharded before the reference pass, which then runs sharded too
+        shard_models([policy, reference], accelerator)
+    else:
+        policy.to(accelerator.device)
+        reference.to(accelerator.device)
     rows = config.batch_size
     # Under the precision training runs at, so that policy == reference gives log-ratios of 0.
     with accelerator.autocast():
@@ -314,9 +321,9 @@ def train_dpo(
         del reference  # a full copy: free it, its log-probs are cached
     scope = None if dpo_config.full_finetune else SCOPE
     policy.set_activation_checkpointing(config.activation_checkpointing)
-    optimizer = make_optimizer(policy, config)
-    start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    model, optimizer, start_step = prepare_training(
+        policy, config, accelerator, checkpoints, latest
+    )
     metrics_path = start_run(
         out_dir,
         config,

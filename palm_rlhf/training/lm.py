@@ -35,6 +35,7 @@ from ..storage.checkpoint import resolve_run_dir
 from ..tokenizers.base import ByteTokenizer, Tokenizer, check_vocabulary, encode_prompt, stop_ids
 from ..tokenizers.files import checkpoint_tokenizer, tokenizer_files
 from .config import TrainConfig
+from .fsdp import gathered, in_lockstep
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
@@ -45,9 +46,9 @@ from .step import (
     clip_and_step,
     due,
     make_loop_accelerator,
-    make_optimizer,
     micro_batches,
     out_of_time,
+    prepare_training,
     progress_bar,
     set_lr,
     set_training_dtypes,
@@ -126,9 +127,9 @@ def evaluate_bpb(
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     count = min(len(dataset), config.eval_batches * config.batch_size)
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
-    for start in range(0, len(mine), config.batch_size):
-        batch = collate([dataset[i] for i in mine[start : start + config.batch_size]], pad_id)
-        batch = to_device(batch, accelerator.device)
+    batches = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    for rows, counts in in_lockstep(batches, [0], model, accelerator):
+        batch = to_device(collate([dataset[i] for i in rows], pad_id), accelerator.device)
         inputs, input_mask, targets = shift_targets(
             batch["tokens"], batch["mask"], batch["loss_mask"]
         )
@@ -136,7 +137,8 @@ def evaluate_bpb(
             stats = model(inputs, mask=input_mask, targets=targets, lora_scope=lora_scope)
         keep = targets != IGNORE_INDEX
         nats = -stats.logprobs[keep].sum()
-        total += torch.stack((nats.double(), keep.sum().double()))
+        if counts:
+            total += torch.stack((nats.double(), keep.sum().double()))
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     nats_per_token = (total[0] / total[1].clamp(min=1)).item()
@@ -205,7 +207,6 @@ def train_lm(
     schedule = WindowSchedule(len(train_set), config.seed)
 
     # step 3. model and optimizer: fresh, from an init checkpoint, or resumed
-    start_step = 0
     if resume and latest is None and accelerator.is_main_process:
         tqdm.write(f"no checkpoint in {checkpoints.root}; starting from scratch")
     # A full fine-tune trains float32 master weights whatever the checkpoint stores (optimizer
@@ -237,10 +238,7 @@ def train_lm(
         set_training_dtypes(model, adapter, config.base_dtype)
     model.train()
     model.set_activation_checkpointing(config.activation_checkpointing)
-    optimizer = make_optimizer(model, config)
-    if latest is not None:
-        start_step = checkpoints.restore(latest, optimizer, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, start_step = prepare_training(model, config, accelerator, checkpoints, latest)
     metrics_path = start_run(
         out_dir,
         config,
@@ -286,8 +284,11 @@ def train_lm(
                 )  # fmt: skip
             history.append(record)
             write_record(record, metrics_path, accelerator, bar, "eval_bpb")
-        if accelerator.is_main_process and config.sample_every and step % config.sample_every == 0:
-            bar.write(sample_text(accelerator.unwrap_model(model), tokenizer, config, scope))
+        if config.sample_every and step % config.sample_every == 0:
+            with gathered(model):  # the main process decodes alone: no collective inside
+                if accelerator.is_main_process:
+                    unwrapped = accelerator.unwrap_model(model)
+                    bar.write(sample_text(unwrapped, tokenizer, config, scope))
         if due(step, config.checkpoint_every, final):
             unwrapped = accelerator.unwrap_model(model)
             files = {"train_config.json": asdict(config)}

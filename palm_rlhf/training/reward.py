@@ -48,6 +48,7 @@ from ..model.reward import RewardConfig, RewardModel
 from ..tokenizers.base import Tokenizer
 from ..tokenizers.files import checkpoint_tokenizer
 from .config import TrainConfig
+from .fsdp import in_lockstep
 from .runs import claim_run_dir, finish_run, start_run
 from .state import TrainingCheckpoints
 from .step import (
@@ -58,9 +59,9 @@ from .step import (
     clip_and_step,
     due,
     make_loop_accelerator,
-    make_optimizer,
     micro_batches,
     out_of_time,
+    prepare_training,
     progress_bar,
     set_lr,
     set_training_dtypes,
@@ -198,13 +199,19 @@ def evaluate_accuracy(
     accelerator: Accelerator,
 ) -> float:
     """`heldout_accuracy` inside the loop: each process scores its share of the groups (the
-    model may be DDP-wrapped) and the counts are summed over processes."""
+    model may be DDP-wrapped or sharded) and the counts are summed over processes."""
     mine = groups[accelerator.process_index :: accelerator.num_processes]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     # The unwrapped model: a DDP forward is a collective (it syncs buffers), and a rank with no
-    # held-out group left would skip it while the others wait.
-    counts = accuracy_counts(
-        accelerator.unwrap_model(model), mine, tokenizer, seq_len, batch_size, accelerator.device
-    )
+    # held-out group left would skip it while the others wait. A sharded forward is one too:
+    # every process makes as many (`in_lockstep`).
+    unwrapped, counts = accelerator.unwrap_model(model), [0, 0]
+    for batch, kept in in_lockstep(batches, groups[:1], unwrapped, accelerator):
+        correct, total = accuracy_counts(
+            unwrapped, batch, tokenizer, seq_len, batch_size, accelerator.device
+        )
+        if kept:
+            counts = [counts[0] + correct, counts[1] + total]
     summed = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum")
     model.train()
     return summed[0].item() / max(1, summed[1].item())
@@ -309,9 +316,7 @@ def train_reward(
     set_training_dtypes(model, model.trainable_parameters(), config.base_dtype)
     model.train()
     model.trunk.set_activation_checkpointing(config.activation_checkpointing)
-    optimizer = make_optimizer(model, config)
-    start_step = checkpoints.restore(latest, optimizer, accelerator) if latest else 0
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, start_step = prepare_training(model, config, accelerator, checkpoints, latest)
     metrics_path = start_run(
         out_dir,
         config,
@@ -368,6 +373,7 @@ def train_reward(
         # step 6. checkpoints; the last one also stores score normalisation statistics
         if final and train_groups:
             unwrapped = accelerator.unwrap_model(model)
+            # (every process scores the same groups: as many passes, sharded or not)
             unwrapped.set_normalization(
                 normalization_scores(unwrapped, train_groups, tokenizer, config.seq_len, rows)
             )

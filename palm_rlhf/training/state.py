@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from ..storage.atomic import read_json, write_bytes_atomic
 from ..storage.checkpoint import latest_pointer, save_model_dir
 from ..storage.safetensors import flatten_state, load_safetensors, unflatten_state
+from .fsdp import saves_here, shard_optimizer_state
 
 STATE_TENSORS = "train_state.safetensors"
 
@@ -53,7 +54,10 @@ class TrainingCheckpoints:
     ) -> Path:
         directory = self.root / f"step_{step:07d}"
         rng = gather_rng_states(accelerator)
-        if accelerator.is_main_process:
+        main = accelerator.is_main_process
+        if saves_here(model, accelerator):
+            # A sharded model's weights, optimizer state and base digest are gathered a tensor
+            # at a time on every process; the main process writes them.
             tensors, skeleton = flatten_state(
                 {
                     "optimizer": optimizer.state_dict(),
@@ -65,7 +69,10 @@ class TrainingCheckpoints:
             # The model's own JSON (config.json, ...) makes the directory loadable by its
             # from_pretrained.
             files = {**model.checkpoint_json(), STATE_JSON: skeleton, **(json_files or {})}
-            save_model_dir(directory, model.state_dict(), files, {STATE_TENSORS: tensors})
+            save_model_dir(
+                directory, model.state_dict(), files, {STATE_TENSORS: tensors}, write=main
+            )
+        if main:
             pointer = {"step": step, "dir": directory.name}
             write_bytes_atomic(self.root / "latest.json", json.dumps(pointer).encode())
             self._prune(keep_name=directory.name)
@@ -75,7 +82,8 @@ class TrainingCheckpoints:
     def restore(
         self, directory: Path, optimizer: torch.optim.Optimizer, accelerator: Accelerator
     ) -> int:
-        """Load optimizer and RNG state into this process; return the step to continue from."""
+        """Load optimizer and RNG state into this process (a sharded optimizer keeps its
+        shard of each saved tensor); return the step to continue from."""
         state = unflatten_state(
             read_json(directory / STATE_JSON), load_safetensors(directory / STATE_TENSORS)
         )
@@ -84,7 +92,7 @@ class TrainingCheckpoints:
                 f"{directory}: saved by {state['num_processes']} processes, resuming with "
                 f"{accelerator.num_processes}; exact resume needs the same number"
             )
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, state["optimizer"]))
         restore_rng_states(state, accelerator)
         return int(state["step"])
 

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from ..model.palm import PaLM
 from ..progress import progress_kwargs
 from .config import TrainConfig
+from .fsdp import clip_gradients, is_sharded, shard_models
 from .runs import append_jsonl, rank0_decides
+from .state import TrainingCheckpoints
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints")
 
@@ -176,6 +178,25 @@ def _forward_context(accelerator: Accelerator, model: nn.Module, sync: bool) -> 
         yield
 
 
+def prepare_training(
+    model: nn.Module,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    checkpoints: TrainingCheckpoints,
+    latest: Path | None,
+) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    """(model, optimizer, first step): the model sharded with FSDP2 (config.fsdp) or handed to
+    accelerate (DDP across processes), its optimizer built after sharding (which replaces the
+    parameters), and the state of the latest checkpoint restored into it when resuming."""
+    if config.fsdp:
+        shard_models([model], accelerator)
+    optimizer = make_optimizer(model, config)
+    start_step = checkpoints.restore(latest, optimizer, accelerator) if latest is not None else 0
+    if not config.fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, start_step
+
+
 def clip_and_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -184,9 +205,12 @@ def clip_and_step(
 ) -> float:
     """Clip to config.grad_clip (0: no clipping), step, zero the gradients; return the gradient
     norm before clipping. With no clipping the bound is infinite: the norm is measured and the
-    gradients are multiplied by exactly 1."""
+    gradients are multiplied by exactly 1. Sharded gradients are clipped by their global norm."""
     bound = config.grad_clip if config.grad_clip > 0 else math.inf
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), bound))
+    if is_sharded(model):
+        grad_norm = clip_gradients(model.parameters(), bound)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), bound))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
