@@ -11,6 +11,8 @@ shapes (every activation is per row), so two plans (batch 1 and 2) give the line
 at the predicted largest batch checks it.
 
     python benchmarks/plan_table.py [--json out.json]
+    python benchmarks/plan_table.py --fsdp   # Aya Expanse 32B LoRA GRPO and 8B full SFT
+                                             # on 8 x 80 GB, sharded with FSDP2
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from palm_rlhf.hf.config import palm_config_from_hf
 from palm_rlhf.plan import PlanSettings, plan_memory
@@ -29,35 +32,78 @@ STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
 DEVICES = {"80 GB": 80e9, "24 GB": 24e9}
 
 
-def settings(stage: str, batch: int, checkpointing: bool, dtype: str) -> PlanSettings:
+def settings(
+    stage: str, batch: int, checkpointing: bool, dtype: str, **sharding: Any
+) -> PlanSettings:
+    """sharding: processes, fsdp and lora_rank (0: a full fine-tune) for the FSDP table."""
     common = dict(stored_dtype=dtype, mixed_precision="bf16", lora_rank=8,
-                  activation_checkpointing=checkpointing)  # fmt: skip
+                  activation_checkpointing=checkpointing, **sharding)  # fmt: skip
     if stage in ("grpo", "ppo"):
         return PlanSettings(stage, rollout_rows=batch, minibatch_size=batch,
                             max_prompt_tokens=512, max_new_tokens=512, **common)  # fmt: skip
     return PlanSettings(stage, batch_size=batch, seq_len=2048, **common)
 
 
-def largest_batch(config, stage, checkpointing, dtype, memory) -> tuple[int, float]:
+def largest_batch(config, stage, checkpointing, dtype, memory, **sharding) -> tuple[int, float]:
     """(largest batch that fits, its planned peak); 0 when not even batch 1 fits."""
-    one = plan_memory(config, settings(stage, 1, checkpointing, dtype)).peak_bytes
+
+    def peak_at(batch: int) -> float:
+        return plan_memory(
+            config, settings(stage, batch, checkpointing, dtype, **sharding)
+        ).peak_bytes
+
+    one = peak_at(1)
     if one > memory:
         return 0, one
-    two = plan_memory(config, settings(stage, 2, checkpointing, dtype)).peak_bytes
-    slope = max(1, two - one)
+    slope = max(1, peak_at(2) - one)
     batch = 1 + int((memory - one) // slope)
-    peak = plan_memory(config, settings(stage, batch, checkpointing, dtype)).peak_bytes
+    peak = peak_at(batch)
     while batch > 1 and peak > memory:  # the line is a prediction: the plan decides
         batch = max(1, int(batch * memory / peak))
-        peak = plan_memory(config, settings(stage, batch, checkpointing, dtype)).peak_bytes
+        peak = peak_at(batch)
     return batch, peak
+
+
+# The FSDP table: (model, stage, LoRA rank or 0 for a full fine-tune) on 8 devices of 80 GB.
+SHARDED = (("Aya Expanse 32B", "grpo", 8), ("Aya Expanse 8B", "sft", 0))
+SHARDED_NAMES = {"Aya Expanse 8B": "aya-expanse-8b", **MODELS}
+
+
+def fsdp_table(processes: int = 8, memory: float = 80e9) -> list[dict[str, Any]]:
+    """Per process: the peak at batch 1 and the largest batch, on one device (no sharding)
+    and on `processes` devices with FSDP2, with and without activation checkpointing."""
+    rows = []
+    for model, stage, rank in SHARDED:
+        raw = json.loads((CONFIGS / f"{SHARDED_NAMES[model]}.json").read_text())
+        config = palm_config_from_hf(raw)
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        for checkpointing in (False, True):
+            for world, fsdp in ((1, False), (processes, True)):
+                sharding = dict(processes=world, fsdp=fsdp, lora_rank=rank)
+                one = plan_memory(config, settings(stage, 1, checkpointing, dtype, **sharding))
+                batch, _ = largest_batch(config, stage, checkpointing, dtype, memory, **sharding)
+                rows.append(dict(model=model, stage=stage, lora_rank=rank, processes=world,
+                                 fsdp=fsdp, checkpointing=checkpointing,
+                                 peak_at_1=one.peak_bytes, phase=one.phase,
+                                 largest_batch=batch))  # fmt: skip
+                print(f"| {model} | {'LoRA ' if rank else 'full '}{stage} | "
+                      f"{'yes' if checkpointing else 'no'} | {world} x 80 GB"
+                      f"{' FSDP' if fsdp else ''} | {one.peak_bytes / 1e9:.1f} GB "
+                      f"({one.phase}) | {batch} |", flush=True)  # fmt: skip
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--stages", default=",".join(STAGES), help="comma list of stages")
+    parser.add_argument("--fsdp", action="store_true", help="the 8 x 80 GB FSDP table instead")
     args = parser.parse_args()
+    if args.fsdp:
+        rows = fsdp_table()
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     rows = []
     for model, name in MODELS.items():
         raw = json.loads((CONFIGS / f"{name}.json").read_text())

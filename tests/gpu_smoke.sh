@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, for a session lent a CUDA machine: the `gpu`-marked tests (issue 19's paths
 # among them: chunked log-probs, activation checkpointing, a bf16 base through one-base LoRA
-# PPO) and two throughput figures. Under 5 minutes on one GPU. Usage: bash tests/gpu_smoke.sh  (from the repo root, in an
+# PPO; issue 20's FSDP2 on one GPU), a sharded pretraining run through the README's launch
+# config, and two throughput figures. Under 5 minutes on one GPU. Usage: bash tests/gpu_smoke.sh  (from the repo root, in an
 # environment where `pip install -e ".[test,plot]"` has been run with a CUDA build of torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,12 @@ assert torch.cuda.is_available(), "no CUDA device: these checks need a GPU"
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
 python -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py
+# Issue 20: a 1-GPU FSDP2 step (world size 1) through the README's launch config, as a user
+# runs it (examples/accelerate/gpus.yaml, --num_processes 1; the test above covers GRPO).
+fsdp_out=$(mktemp -d)
+accelerate launch --config_file examples/accelerate/gpus.yaml --num_processes 1 \
+    -m palm_rlhf.cli pretrain --fsdp --preset tiny --steps 2 --batch-size 4 --seq-len 128 \
+    --warmup-steps 1 --eval-batches 1 --sample-every 2 --out "$fsdp_out/run" | tail -1
 # One throughput figure: batched KV-cache generation of the `small` preset (30M parameters),
 # bf16, batch 16, 64 prompt + 448 new tokens, median of 3 timed runs after one warm-up.
 python - <<'PY'

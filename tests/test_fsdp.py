@@ -136,3 +136,17 @@ def test_bf16_base_and_float32_adapters_share_units(runs):
     for rank in two:
         assert rank["bf16_base_unchanged"]
         assert rank["bf16_dtypes"] == ["torch.bfloat16", "trained torch.float32"]
+
+
+def test_ppo_command_shards_one_base_and_saves_the_policy(runs):
+    # `palm-rlhf ppo --fsdp` on 2 processes with a LoRA reward model on the policy's base: the
+    # policy it saves (every process gathering, rank 0 writing) holds the actor scope only
+    # and loads in one process.
+    out, _, two = runs
+    assert [r["ppo_command"] for r in two] == [0, 0]
+    policy = PaLM.from_pretrained(out / "two" / "ppo_cli" / "policy")
+    assert sorted(policy.lora_configs) == ["actor"]
+    adapter = [t for n, t in policy.state_dict().items() if ".actor.up" in n]
+    assert any(t.abs().sum() > 0 for t in adapter)  # PPO moved the actor (up starts at zero)
+    metrics = (out / "two" / "ppo_cli" / "ppo_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in metrics] == [1, 2]

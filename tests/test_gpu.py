@@ -315,3 +315,47 @@ def test_checkpointing_bf16_base_and_one_base_ppo_on_cuda(tmp_path):
     for name, tensor in policy.base_tensors().items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor.cpu(), before[name]), name
     assert all(p.dtype == torch.float32 for p in trainer.actor_params + trainer.critic_params)
+
+
+def test_fsdp_grpo_and_pretrain_on_one_gpu(tmp_path, bf16_accelerator):
+    # FSDP2 on a world of one (the process group is made for it): the policy's units live on
+    # the GPU as DTensors, a GRPO iteration samples with the policy gathered and trains its
+    # sharded adapters, and a sharded pretraining run saves a checkpoint that loads whole.
+    from torch.distributed.tensor import DTensor
+
+    from palm_rlhf import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    config = GRPOConfig(prompts_per_iteration=2, group_size=4, minibatch_size=8,
+                        max_new_tokens=8, mixed_precision="bf16", fsdp=True,
+                        no_eos_penalty=float("nan"))  # fmt: skip
+    trainer = GRPOTrainer(
+        PaLM(PaLMConfig(**SMALL)), TOK, ["a", "b", "c"],
+        reward_fns=[lambda prompts, responses: [len(r) % 3 for r in responses]],
+        config=config, accelerator=bf16_accelerator, show_progress=False,
+    )  # fmt: skip
+    weight = trainer.policy.blocks[0].fused_proj.weight
+    assert isinstance(weight, DTensor) and weight.device.type == "cuda"
+    metrics = trainer.train(2)[-1]
+    assert torch.isfinite(torch.tensor(metrics["policy_loss"]))
+    history = train_lm(
+        PaLMConfig(**SMALL),
+        TrainConfig(
+            seq_len=64,
+            batch_size=2,
+            steps=2,
+            warmup_steps=1,
+            eval_every=2,
+            eval_batches=1,
+            sample_every=0,
+            checkpoint_every=2,
+            fsdp=True,
+            mixed_precision="bf16",
+        ),  # fmt: skip
+        tmp_path / "lm",
+        accelerator=bf16_accelerator,
+        show_progress=False,
+        data="stdlib",
+    )
+    assert [h["step"] for h in history] == [2]
+    assert PaLM.from_pretrained(tmp_path / "lm").config == PaLMConfig(**SMALL)

@@ -10,7 +10,8 @@ reduction order. PPO and GRPO sample per process, so their sharded run is compar
 unsharded run on the same two processes. On two processes also: exact resume of a sharded run,
 a full fine-tune's checkpoint written one gathered tensor at a time, decoding with a sharded
 policy where the ranks stop at different steps, and a bf16 base with float32 adapters in one
-unit. In `one` mode a sharded pretrain on a world of one runs too (the GPU script's case).
+unit; `palm-rlhf ppo --fsdp` on the LoRA reward model's shared base. In `one` mode a sharded
+pretrain on a world of one runs too (the GPU script's case).
 """
 
 import json
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 
 import palm_rlhf.storage.safetensors as safetensors_module
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.cli import main as cli_main
 from palm_rlhf.generation import generate
 from palm_rlhf.model.reward import RewardConfig
 from palm_rlhf.rl.config import GRPOConfig, PPOConfig
@@ -243,6 +245,21 @@ def online_stages(out: Path, accelerator: Accelerator) -> dict:
     return result
 
 
+def ppo_command(out: Path, accelerator: Accelerator) -> int:
+    """`palm-rlhf ppo --fsdp` with the sharded LoRA reward model trained above: its scope lands
+    on the policy's own base (one base for every role), the whole base is sharded, and every
+    process takes part in saving OUT/policy."""
+    prompts = out / "prompts.txt"
+    if accelerator.is_main_process:
+        prompts.write_text("".join(f"p{i}\n" for i in range(16)))
+    accelerator.wait_for_everyone()
+    args = ["ppo", "--policy", str(out.parent / "inputs" / "init"), "--reward",
+            str(out / "reward"), "--prompts", str(prompts), "--iterations", "2", "--cpu",
+            "--fsdp", "--rollout-batch-size", "4", "--minibatch-size", "2",
+            "--max-new-tokens", "6", "--out", str(out / "ppo_cli")]  # fmt: skip
+    return cli_main(args)
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
@@ -264,6 +281,7 @@ def main() -> None:
         result["streamed"] = streamed_save(run, accelerator)
         result["uneven"] = uneven_decoding(accelerator)
         result.update(online_stages(run, accelerator))
+        result["ppo_command"] = ppo_command(run, accelerator)
     (out / f"{mode}_rank{rank}.json").write_text(json.dumps(result))
 
 
