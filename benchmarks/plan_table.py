@@ -37,7 +37,8 @@ def settings(
 ) -> PlanSettings:
     """sharding: processes, fsdp and lora_rank (0: a full fine-tune) for the FSDP table."""
     common = dict(stored_dtype=dtype, mixed_precision="bf16", lora_rank=8,
-                  activation_checkpointing=checkpointing, **sharding)  # fmt: skip
+                  activation_checkpointing=checkpointing)  # fmt: skip
+    common.update(sharding)
     if stage in ("grpo", "ppo"):
         return PlanSettings(stage, rollout_rows=batch, minibatch_size=batch,
                             max_prompt_tokens=512, max_new_tokens=512, **common)  # fmt: skip
@@ -69,17 +70,22 @@ SHARDED = (("Aya Expanse 32B", "grpo", 8), ("Aya Expanse 8B", "sft", 0))
 SHARDED_NAMES = {"Aya Expanse 8B": "aya-expanse-8b", **MODELS}
 
 
-def fsdp_table(processes: int = 8, memory: float = 80e9) -> list[dict[str, Any]]:
+def fsdp_table(
+    processes: int = 8, memory: float = 80e9, models: tuple = SHARDED
+) -> list[dict[str, Any]]:
     """Per process: the peak at batch 1 and the largest batch, on one device (no sharding)
-    and on `processes` devices with FSDP2, with and without activation checkpointing."""
+    and on `processes` devices with FSDP2, with and without activation checkpointing. A LoRA
+    stage over an fp16 file runs with --base-dtype bfloat16 (AUTOCAST_COPIES)."""
     rows = []
-    for model, stage, rank in SHARDED:
+    for model, stage, rank in models:
         raw = json.loads((CONFIGS / f"{SHARDED_NAMES[model]}.json").read_text())
         config = palm_config_from_hf(raw)
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         for checkpointing in (False, True):
             for world, fsdp in ((1, False), (processes, True)):
                 sharding = dict(processes=world, fsdp=fsdp, lora_rank=rank)
+                if rank and dtype == "float16":  # convert once, not per pass under autocast
+                    sharding["base_dtype"] = "bfloat16"
                 one = plan_memory(config, settings(stage, 1, checkpointing, dtype, **sharding))
                 batch, _ = largest_batch(config, stage, checkpointing, dtype, memory, **sharding)
                 rows.append(dict(model=model, stage=stage, lora_rank=rank, processes=world,
@@ -100,7 +106,8 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="the 8 x 80 GB FSDP table instead")
     args = parser.parse_args()
     if args.fsdp:
-        rows = fsdp_table()
+        chosen = tuple(row for row in SHARDED if row[1] in args.stages.split(","))
+        rows = fsdp_table(models=chosen)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return

@@ -5,6 +5,7 @@ base's dtype, full fine-tunes keep float32 master weights, and PPO and GRPO run 
 passes under bf16 autocast when `mixed_precision="bf16"`, like the supervised stages."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -293,3 +294,33 @@ def test_online_stages_honour_mixed_precision(stage, autocast_states, fresh_acce
             config=grpo_config(mixed_precision="bf16"),
             accelerator=Accelerator(),
         )
+
+
+def test_a_float16_base_under_bf16_autocast_is_named_and_priced():
+    # Found planning Aya Expanse 32B (an fp16 file): bf16 autocast casts every fp16 weight in
+    # each training pass and keeps the copy for backward, doubling the base during training.
+    # The stages warn and the plan shows the cost; --base-dtype bfloat16 removes it.
+    from palm_rlhf import PaLMConfig
+    from palm_rlhf.plan import PlanSettings, plan_memory
+    from palm_rlhf.training.step import AUTOCAST_COPIES, set_training_dtypes
+
+    model = tiny_model(num_tokens=TOK.vocab_size).to(torch.float16)
+    adapter = model.add_lora("actor")
+    with pytest.warns(UserWarning, match="--base-dtype bfloat16 converts the base once"):
+        set_training_dtypes(model, adapter, "stored", "bf16")
+    assert "float16" in AUTOCAST_COPIES
+    for dtype, precision in (("bfloat16", "bf16"), ("stored", "no")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning: nothing is cast per pass
+            set_training_dtypes(tiny_model().to(torch.float16), [], dtype, precision)
+    config = PaLMConfig(num_tokens=512, dim=256, depth=2, heads=4, kv_heads=1, dim_head=64)
+    settings = dict(stored_dtype="float16", mixed_precision="bf16", lora_rank=4, seq_len=256)
+    stored = plan_memory(config, PlanSettings("dpo", **settings))
+    converted = plan_memory(config, PlanSettings("dpo", base_dtype="bfloat16", **settings))
+    weights = stored.categories["frozen weights"]
+    assert weights == converted.categories["frozen weights"]  # the same 2 bytes per weight
+    # the casts kept for backward: at least one more copy of the blocks' weights (and the
+    # residual stream promoted to float32 where fp16 meets bf16)
+    blocks = sum(p.numel() * 2 for p in PaLM(config).blocks.parameters())
+    extra = stored.categories["activations"] - converted.categories["activations"]
+    assert extra >= blocks

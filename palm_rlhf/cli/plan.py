@@ -18,6 +18,7 @@ from ..storage.checkpoint import WEIGHTS_NAME, resolve_run_dir
 from ..storage.safetensors import stored_dtype
 from ..training.config import DPOConfig, TrainConfig
 from ..training.reward import NOT_FOR_REWARD
+from ..training.step import AUTOCAST_COPIES
 from .options import add_dataclass_options, dataclass_from_args
 
 STAGE_CONFIGS = {
@@ -161,5 +162,10 @@ def run_plan(args: argparse.Namespace) -> None:
     print(
         f"  {'(of the activations: one logits chunk)':38s} {plan.logits_chunk_bytes / gb:8.2f} GB"
     )
+    lora = not settings.full_finetune and not (settings.stage in ("pretrain", "sft")
+                                               and settings.lora_rank == 0)  # fmt: skip
+    float16_base = settings.stored_dtype == "float16" and settings.base_dtype == "stored"
+    if lora and float16_base and settings.mixed_precision == "bf16":
+        print(f"note: {AUTOCAST_COPIES}")
     others = ", ".join(f"{k} {v / gb:.2f} GB" for k, v in plan.phases.items())
     print(f"phases: {others}; not counted: allocator slack, CUDA context and workspaces")

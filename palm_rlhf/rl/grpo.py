@@ -126,7 +126,7 @@ class GRPOTrainer:
         policy.set_activation_checkpointing(config.activation_checkpointing)
         self.reference, self.actor_scope, self.actor_params = actor
         models = [policy, self.reference, reward_model]
-        set_online_dtypes(models, self.actor_params, config.base_dtype, config.full_finetune)
+        set_online_dtypes(models, self.actor_params, config)
         if config.fsdp:
             self.actor_params = shard_online_models(models, policy, actor, self.accelerator)
         self.optimizer = torch.optim.AdamW(self.actor_params, lr=config.lr, weight_decay=0.0)

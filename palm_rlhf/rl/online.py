@@ -128,17 +128,17 @@ def online_accelerator(accelerator: Accelerator | None, mixed_precision: str) ->
 
 
 def set_online_dtypes(
-    models: Sequence[nn.Module | None], trained: Sequence[nn.Parameter], base_dtype: str,
-    full_finetune: bool,
-) -> None:  # fmt: skip
+    models: Sequence[nn.Module | None], trained: Sequence[nn.Parameter], config: Any
+) -> None:
     """Trained parameters (actor, critic, heads) in float32; every frozen weight of the given
-    models (policy base, reference, critic trunk, reward model) as stored, or in base_dtype.
-    One call over every model, since models share modules (a critic on the policy's base)."""
-    if full_finetune and base_dtype != "stored":
+    models (policy base, reference, critic trunk, reward model) as stored, or in the config's
+    base_dtype. One call over every model, since models share modules (a critic on the
+    policy's base). config: a PPOConfig or GRPOConfig."""
+    if config.full_finetune and config.base_dtype != "stored":
         raise ValueError(FULL_FINETUNE_BASE_DTYPE)
     for model in models:
         if model is not None:
-            set_training_dtypes(model, trained, base_dtype)
+            set_training_dtypes(model, trained, config.base_dtype, config.mixed_precision)
 
 
 def load_reward_model(

@@ -199,7 +199,7 @@ class PPOTrainer:
         for param in trained:
             param.requires_grad_(True)
         models = [policy, self.reference, self.critic, reward_model]
-        set_online_dtypes(models, trained, config.base_dtype, config.full_finetune)
+        set_online_dtypes(models, trained, config)
         if config.fsdp:
             self.actor_params = shard_online_models(models, policy, actor, self.accelerator)
             self.critic_params = self.critic.trainable_parameters()

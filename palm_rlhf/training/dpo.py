@@ -220,7 +220,7 @@ def _starting_policy(init: str | Path, dtype: torch.dtype | None) -> PaLM:
 
 
 def _policy(
-    init: str | Path, latest: Path | None, config: DPOConfig, base_dtype: str
+    init: str | Path, latest: Path | None, config: DPOConfig, train: TrainConfig
 ) -> tuple[PaLM, PaLM]:
     """(policy, reference): the policy from the latest checkpoint when resuming, else from init;
     with LoRA the reference is the policy itself (adapters off), else a frozen copy of init.
@@ -245,7 +245,7 @@ def _policy(
     adapter = lora_parameters(policy, SCOPE)
     for param in adapter:
         param.requires_grad_(True)
-    set_training_dtypes(policy, adapter, base_dtype)
+    set_training_dtypes(policy, adapter, train.base_dtype, train.mixed_precision)
     return policy.eval(), policy
 
 
@@ -304,7 +304,7 @@ def train_dpo(
             raise ValueError(f"{latest}: saved with a different DPOConfig: {saved}")
     if dpo_config.full_finetune and config.base_dtype != "stored":
         raise ValueError(FULL_FINETUNE_BASE_DTYPE)
-    policy, reference = _policy(init, latest, dpo_config, config.base_dtype)
+    policy, reference = _policy(init, latest, dpo_config, config)
     if config.fsdp:  # sharded before the reference pass, which then runs sharded too
         shard_models([policy, reference], accelerator)
     else:

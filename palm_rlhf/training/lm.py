@@ -235,7 +235,7 @@ def train_lm(
         adapter = lora_parameters(model, SFT_SCOPE)
         for name, param in model.named_parameters():
             param.requires_grad_(f".adapters.{SFT_SCOPE}." in name)
-        set_training_dtypes(model, adapter, config.base_dtype)
+        set_training_dtypes(model, adapter, config.base_dtype, config.mixed_precision)
     model.train()
     model.set_activation_checkpointing(config.activation_checkpointing)
     model, optimizer, start_step = prepare_training(model, config, accelerator, checkpoints, latest)

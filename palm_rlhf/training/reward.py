@@ -313,7 +313,9 @@ def train_reward(
             f"{latest}: reward config {model.config} does not match the requested {reward_config}"
         )
     freeze_untrained_heads(model, bool(train_groups), bool(train_ratings))
-    set_training_dtypes(model, model.trainable_parameters(), config.base_dtype)
+    set_training_dtypes(
+        model, model.trainable_parameters(), config.base_dtype, config.mixed_precision
+    )
     model.train()
     model.trunk.set_activation_checkpointing(config.activation_checkpointing)
     model, optimizer, start_step = prepare_training(model, config, accelerator, checkpoints, latest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -68,15 +69,26 @@ FULL_FINETUNE_BASE_DTYPE = (
 )
 
 
+AUTOCAST_COPIES = (
+    "the frozen base is float16 and bf16 autocast computes in bfloat16: every training pass "
+    "casts each base weight and keeps the copy for backward (about the base's size again); "
+    "--base-dtype bfloat16 converts the base once instead"
+)
+
+
 def set_training_dtypes(
-    model: nn.Module, trained: Iterable[nn.Parameter], base_dtype: str = "stored"
+    model: nn.Module,
+    trained: Iterable[nn.Parameter],
+    base_dtype: str = "stored",
+    mixed_precision: str = "no",
 ) -> None:
     """Trained parameters in float32 (master weights: an optimizer step in bf16 loses small
     updates), and the frozen base of every PaLM in `model` (its weights but the adapters) in
     `base_dtype` ("stored": as the checkpoint holds it, so a bf16 base stays bf16 and is never
     copied to float32). Frozen adapters and heads (a reward model's) keep their own dtype. Cast
     tensor by tensor, in place of the old one; parameters keep their identity (an optimizer
-    may already hold them)."""
+    may already hold them). Warns (AUTOCAST_COPIES) when bf16 autocast would train over a
+    float16 base: a cost the user can avoid with base_dtype="bfloat16"."""
     if base_dtype not in BASE_DTYPES:
         raise ValueError(f"base_dtype: {base_dtype!r} is not one of {sorted(BASE_DTYPES)}")
     trained = list(trained)
@@ -90,6 +102,19 @@ def set_training_dtypes(
     for param in trained:
         if param.dtype != torch.float32:
             param.data = param.data.float()
+    if mixed_precision == "bf16" and _trains_over_float16(model, trained_ids):
+        warnings.warn(AUTOCAST_COPIES, stacklevel=2)
+
+
+def _trains_over_float16(model: nn.Module, trained_ids: set[int]) -> bool:
+    """Whether a PaLM in `model` trains something (adapters) over a float16 frozen base."""
+    for palm in (m for m in model.modules() if isinstance(m, PaLM)):
+        params = list(palm.parameters())
+        if any(id(p) in trained_ids for p in params) and any(
+            p.dtype == torch.float16 and id(p) not in trained_ids for p in params
+        ):
+            return True
+    return False
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
