@@ -45,8 +45,12 @@ def settings(
     return PlanSettings(stage, batch_size=batch, seq_len=2048, **common)
 
 
-def largest_batch(config, stage, checkpointing, dtype, memory, **sharding) -> tuple[int, float]:
-    """(largest batch that fits, its planned peak); 0 when not even batch 1 fits."""
+def largest_batch(
+    config, stage, checkpointing, dtype, memory, cap: int = 0, **sharding
+) -> tuple[int, float]:
+    """(largest batch that fits, its planned peak); 0 when not even batch 1 fits. cap > 0:
+    stop at that batch (planning a step of hundreds of 2,048-token rows goes through thousands
+    of logits chunks, minutes on this CPU)."""
 
     def peak_at(batch: int) -> float:
         return plan_memory(
@@ -58,6 +62,8 @@ def largest_batch(config, stage, checkpointing, dtype, memory, **sharding) -> tu
         return 0, one
     slope = max(1, peak_at(2) - one)
     batch = 1 + int((memory - one) // slope)
+    if cap:
+        batch = min(batch, cap)
     peak = peak_at(batch)
     while batch > 1 and peak > memory:  # the line is a prediction: the plan decides
         batch = max(1, int(batch * memory / peak))
@@ -65,6 +71,7 @@ def largest_batch(config, stage, checkpointing, dtype, memory, **sharding) -> tu
     return batch, peak
 
 
+FSDP_CAP = 32  # the FSDP table's largest batch reads "32" for "at least 32"
 # The FSDP table: (model, stage, LoRA rank or 0 for a full fine-tune) on 8 devices of 80 GB.
 SHARDED = (("Aya Expanse 32B", "grpo", 8), ("Aya Expanse 8B", "sft", 0))
 SHARDED_NAMES = {"Aya Expanse 8B": "aya-expanse-8b", **MODELS}
@@ -82,20 +89,30 @@ def fsdp_table(
         config = palm_config_from_hf(raw)
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         for checkpointing in (False, True):
-            for world, fsdp in ((1, False), (processes, True)):
+            layouts = [(1, False, True), (processes, True, True)]
+            if stage in ("grpo", "ppo"):  # and decoding sharded instead of gathered
+                layouts.append((processes, True, False))
+            for world, fsdp, gathered in layouts:
                 sharding = dict(processes=world, fsdp=fsdp, lora_rank=rank)
+                if not gathered:
+                    sharding["sample_gathered"] = False
                 if rank and dtype == "float16":  # convert once, not per pass under autocast
                     sharding["base_dtype"] = "bfloat16"
                 one = plan_memory(config, settings(stage, 1, checkpointing, dtype, **sharding))
-                batch, _ = largest_batch(config, stage, checkpointing, dtype, memory, **sharding)
+                batch, _ = largest_batch(
+                    config, stage, checkpointing, dtype, memory, cap=FSDP_CAP, **sharding
+                )
                 rows.append(dict(model=model, stage=stage, lora_rank=rank, processes=world,
-                                 fsdp=fsdp, checkpointing=checkpointing,
+                                 fsdp=fsdp, sample_gathered=gathered,
+                                 checkpointing=checkpointing,
                                  peak_at_1=one.peak_bytes, phase=one.phase,
                                  largest_batch=batch))  # fmt: skip
                 print(f"| {model} | {'LoRA ' if rank else 'full '}{stage} | "
                       f"{'yes' if checkpointing else 'no'} | {world} x 80 GB"
-                      f"{' FSDP' if fsdp else ''} | {one.peak_bytes / 1e9:.1f} GB "
-                      f"({one.phase}) | {batch} |", flush=True)  # fmt: skip
+                      f"{' FSDP' if fsdp else ''}{'' if gathered else ', sharded decoding'}"
+                      f" | {one.peak_bytes / 1e9:.1f} GB "
+                      f"({one.phase}) | {'>= ' if batch == FSDP_CAP else ''}{batch} |",
+                      flush=True)  # fmt: skip
     return rows
 
 

@@ -10,7 +10,7 @@ generate against it; PPO and GRPO recompute old log-probs with a full forward in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
@@ -239,12 +239,14 @@ def _decode(
     fill: int,
     lora_scope: str | None,
     use_cache: bool,
+    stop_together: Callable[[bool], bool] | None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """The decoding loop: one (b,) token, log-prob and alive-mask per step.
 
     Ids were validated on the host before the loop, so no forward re-checks them. Whether every
     row has finished is read back every `stop_check_every(device)` steps, not every step: on a
-    GPU each read is a device-to-host sync that stalls the queue of kernels.
+    GPU each read is a device-to-host sync that stalls the queue of kernels. stop_together
+    decides from that read (None: no stop ids, decode to max_new_tokens).
     """
     b, p = prompt_tokens.shape
     check_every = stop_check_every(prompt_tokens.device)
@@ -262,8 +264,10 @@ def _decode(
         masks.append(alive)
         if stops is not None:
             finished = finished | torch.isin(token, stops)
-            if (step + 1) % check_every == 0 and bool(finished.all()):
-                break
+        # (asked at the same steps on every process when given, stop ids or not)
+        check = stop_together is not None and (step + 1) % check_every == 0
+        if check and stop_together(bool(finished.all())):
+            break
         if step == max_new_tokens - 1:
             break
         if cache is not None:
@@ -298,6 +302,7 @@ def generate(
     lora_scope: str | None = None,
     use_cache: bool = True,
     pack_weights: bool | None = None,
+    stop_together: Callable[[bool], bool] | None = None,
 ) -> GenerationOutput:
     """Sample up to max_new_tokens for a batch of prompts of any lengths.
 
@@ -308,7 +313,10 @@ def generate(
     is returned to its previous mode afterwards. use_cache=False re-runs the whole sequence each
     step: slow, kept as the reference the cached path is tested against. pack_weights (default:
     on for float32 CPU models with MKL) decodes with MKL-packed weight copies; see
-    `packed_weights`.
+    `packed_weights`. stop_together: given whether this batch's rows have all finished, says
+    whether to stop; processes decoding a model sharded across them pass one that is True only
+    once every process's rows have finished (each step's forward is a collective, so they must
+    stop at the same step).
     """
     _check_options(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id)
     device = model.token_emb.weight.device
@@ -342,6 +350,7 @@ def generate(
                 fill,
                 lora_scope,
                 use_cache,
+                stop_together or (bool if stops is not None else None),
             )
     finally:
         model.train(was_training)

@@ -82,6 +82,8 @@ class PlanSettings:
     """Processes the run is launched on (accelerate launch --num_processes)."""
     fsdp: bool = False
     """Shard the models over the processes (FSDP2): the plan is then one process's share."""
+    sample_gathered: bool = True
+    """grpo/ppo with fsdp: decode with the policy gathered whole (else sharded, two blocks)."""
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -239,7 +241,7 @@ def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
         for name, (peak, gradients, kv) in phases.items()
     }
     if s.fsdp:
-        units = _Units(policy, module, optimizer, trained_ids, s.processes)
+        units = _Units(policy, module, optimizer, trained_ids, s.processes, s.sample_gathered)
         split = {name: units.per_process(name, categories) for name, categories in split.items()}
     totals = {name: sum(categories.values()) for name, categories in split.items()}
     phase = max(totals, key=totals.get)
@@ -270,19 +272,24 @@ class _Units:
     optimizer state and gradient split dim-0 across the processes (padded to equal shards),
     plus what is whole at that moment. Training and scoring passes gather the embedding's unit
     for the whole pass and one block at a time with the next one prefetched (two blocks);
-    generation gathers the whole model once (`training.fsdp.gathered`). In backward a unit's
-    gradient is whole until it is reduce-scattered: two units' worth at a time. Activations
-    and the KV cache are the process's own, as measured."""
+    generation gathers the whole model once (`training.fsdp.gathered`), or, not
+    sample_gathered, decodes like any other pass. In backward a unit's gradient is whole until
+    it is reduce-scattered, from a copy: one unit's worth more than the whole-model run's
+    gradients at that moment (which the shards replace). Activations and the KV cache are the
+    process's own, as measured."""
 
-    def __init__(self, policy: PaLM, module, optimizer, trained_ids: set[int], processes: int):
-        self.processes = processes
+    def __init__(
+        self, policy: PaLM, module, optimizer, trained_ids: set[int], processes: int,
+        sample_gathered: bool,
+    ) -> None:  # fmt: skip
+        self.processes, self.sample_gathered = processes, sample_gathered
         blocks = [list(block.parameters()) for block in policy.blocks]
         in_blocks = {id(p) for params in blocks for p in params}
         root = [p for p in module.parameters() if id(p) not in in_blocks]
         self.whole = _bytes(module.parameters())
         self.gathered = _bytes(root) + 2 * max(_bytes(params) for params in blocks)
         trained_units = [[p for p in unit if id(p) in trained_ids] for unit in [root, *blocks]]
-        self.unit_gradients = 2 * max(_bytes(unit) for unit in trained_units)
+        self.unit_gradients = max(_bytes(unit) for unit in trained_units)
         self.frozen = self._shard([p for p in module.parameters() if id(p) not in trained_ids])
         self.trainable = self._shard(
             [p for p in module.parameters() if id(p) in trained_ids]
@@ -307,7 +314,9 @@ class _Units:
             "gradients": gradients,
             "KV cache": categories["KV cache"],
             "activations": categories["activations"],
-            GATHERED: self.whole if phase == "generation" else self.gathered,
+            GATHERED: self.whole
+            if phase == "generation" and self.sample_gathered
+            else self.gathered,
         }
 
 

@@ -116,6 +116,15 @@ def test_ranks_that_stop_decoding_at_different_steps_do_not_hang(runs):
     _, _, two = runs
     assert [r["uneven"]["decoded"] for r in two] == [2, 24]  # 1 token per row, 12 per row
     assert all(r["uneven"]["equal"] and r["uneven"]["forward_after"] for r in two)
+    # decoding sharded instead: the ranks stop together, and each gets what it would alone
+    assert all(r["uneven"]["sharded_equal"] for r in two)
+
+
+def test_grpo_decoding_sharded_samples_what_decoding_gathered_does(runs):
+    _, _, two = runs
+    for rank in two:
+        for sharded, gathered in zip(rank["grpo_sharded_decoding"], rank["grpo_fsdp"], strict=True):
+            assert close(sharded, gathered)
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])

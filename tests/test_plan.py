@@ -83,7 +83,8 @@ def shard_bytes(tensors, processes: int) -> int:
 def test_fsdp_plans_one_processs_share():
     # A full fine-tune SFT on 4 processes: weights and both AdamW moments (all float32) are
     # split dim-0 four ways; the embedding's unit and two blocks are whole during the pass, and
-    # two units' gradients are whole in backward before their reduce-scatter.
+    # in backward the largest unit's gradient (the embedding's) is copied for its
+    # reduce-scatter. (benchmarks/bench_fsdp_memory.py measures the plan's error.)
     settings = dict(batch_size=2, seq_len=128, lora_rank=0)
     single = plan_memory(CONFIG, PlanSettings("sft", **settings))
     sharded = plan_memory(CONFIG, PlanSettings("sft", processes=4, fsdp=True, **settings))
@@ -96,7 +97,7 @@ def test_fsdp_plans_one_processs_share():
     assert categories["trainable weights + optimizer state"] == 3 * shard_bytes(params, 4) + steps
     assert categories[GATHERED] == root + 2 * block
     assert categories["activations"] == single.categories["activations"]  # the process's own
-    assert categories["gradients"] == -(-single.categories["gradients"] // 4) + 2 * root
+    assert categories["gradients"] == -(-single.categories["gradients"] // 4) + root
     assert sharded.peak_bytes == sum(categories.values())
     assert sharded.peak_bytes < single.peak_bytes
 

@@ -132,6 +132,7 @@ def settings_from_args(args: argparse.Namespace, weights_dtype: str) -> PlanSett
         full_finetune=first.full_finetune,
         kl_coef=first.kl_coef,
         base_dtype=first.base_dtype,
+        sample_gathered=first.sample_gathered,
     )
 
 

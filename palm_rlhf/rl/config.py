@@ -83,7 +83,13 @@ class PPOConfig:
     fsdp: bool = False
     """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
     gradients and optimizer state split across processes, gathered a block at a time. Launch
-    with `accelerate launch`; sampling and evaluation gather the whole model once."""
+    with `accelerate launch`; sampling gathers the policy whole unless sample_gathered is off."""
+    sample_gathered: bool = True
+    """With fsdp: gather the whole policy once per rollout and decode with no collective, each
+    process to its own rows' eos (fast; every process holds the whole model while sampling).
+    False: decode sharded, a block gathered at a time at every step (the whole model crosses
+    the network once per new token; two blocks held), the processes stopping together once
+    every row of every process has ended."""
     seed: int = 0
     """Seed for prompt order, sampling and minibatch shuffling."""
 
@@ -201,7 +207,13 @@ class GRPOConfig:
     fsdp: bool = False
     """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
     gradients and optimizer state split across processes, gathered a block at a time. Launch
-    with `accelerate launch`; sampling and evaluation gather the whole model once."""
+    with `accelerate launch`; sampling gathers the policy whole unless sample_gathered is off."""
+    sample_gathered: bool = True
+    """With fsdp: gather the whole policy once per rollout and decode with no collective, each
+    process to its own rows' eos (fast; every process holds the whole model while sampling).
+    False: decode sharded, a block gathered at a time at every step (the whole model crosses
+    the network once per new token; two blocks held), the processes stopping together once
+    every row of every process has ended."""
     log_samples: int = 2
     """Completions written to grpo_samples.jsonl per iteration (rank 0)."""
     seed: int = 0

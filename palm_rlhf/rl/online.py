@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -186,6 +186,8 @@ class SamplingConfig(Protocol):
     temperature: float
     no_eos_penalty: float | None
     score_clip: float
+    fsdp: bool
+    sample_gathered: bool
 
 
 def make_generators(seed: int, accelerator: Accelerator) -> tuple[torch.Generator, torch.Generator]:
@@ -220,7 +222,25 @@ def make_engine(
         no_eos_penalty=config.no_eos_penalty,
         score_clip=config.score_clip,
         autocast=accelerator.autocast,
+        stop_together=all_processes(accelerator) if sharded_sampling(config) else None,
     )
+
+
+def sharded_sampling(config: SamplingConfig) -> bool:
+    """Whether the policy stays sharded while it decodes (fsdp without sample_gathered)."""
+    return config.fsdp and not config.sample_gathered
+
+
+def all_processes(accelerator: Accelerator) -> Callable[[bool], bool]:
+    """True on every process once it is True on every process (a collective)."""
+
+    def decide(mine: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return mine
+        flags = accelerator.gather(torch.tensor([mine], device=accelerator.device))
+        return bool(flags.all())
+
+    return decide
 
 
 def trainable_tensors(

@@ -150,6 +150,7 @@ class RolloutEngine:
         no_eos_penalty: float = float("nan"),
         score_clip: float = 0.0,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        stop_together: Callable[[bool], bool] | None = None,
     ) -> None:
         reward_model = rewards.reward_model
         if (
@@ -166,6 +167,10 @@ class RolloutEngine:
         # Every forward pass (sampling, scoring, log-probs) runs under this: the trainer's
         # mixed precision (accelerator.autocast), or nothing.
         self.autocast = autocast
+        # A sharded policy (FSDP2) decodes gathered whole, each process to its own rows' eos;
+        # given stop_together, it decodes sharded instead, every process stopping at the step
+        # where all processes' rows have ended (`generate`).
+        self.stop_together = stop_together
         # A response ends at eos or at any other stop id (a chat model's end-of-turn token).
         self.stop_ids = stop_ids(tokenizer)
         self._stops = torch.tensor(self.stop_ids, device=policy.token_emb.weight.device)
@@ -187,8 +192,10 @@ class RolloutEngine:
         prompts = [r.prompt for r in records]
         prompt_rows = [encode_prompt(tok, p, self.max_prompt_tokens) for p in prompts]
         # Sharded (FSDP2): the policy is gathered once for the whole decode, so each process
-        # decodes to its own rows' eos with no collective between steps.
-        with self.autocast(), gathered(self.policy):
+        # decodes to its own rows' eos with no collective between steps; or, with
+        # stop_together, stays sharded and the processes stop together.
+        gather = gathered(self.policy) if self.stop_together is None else nullcontext()
+        with self.autocast(), gather:
             out = generate(
                 self.policy,
                 prompt_rows,
@@ -198,6 +205,7 @@ class RolloutEngine:
                 pad_id=tok.pad_id,
                 generator=self.generator,
                 lora_scope=self.actor_scope,
+                stop_together=self.stop_together,
             )
         mask = out.mask
         stopped = self.stopped(out.tokens)

@@ -123,9 +123,10 @@ def save_rl_state(
     accelerator.wait_for_everyone()
 
 
-# Fields that change how a step is computed but not its result: a resume may change them (turn
-# on activation checkpointing to fit a longer run), and a state saved before they existed loads.
-RESULT_NEUTRAL_FIELDS = ("activation_checkpointing",)
+# Fields that change how a step is computed but not its result (beyond float rounding): a resume
+# may change them (turn on activation checkpointing or sharding to fit a longer run), and a
+# state saved before they existed loads.
+RESULT_NEUTRAL_FIELDS = ("activation_checkpointing", "fsdp", "sample_gathered")
 
 
 def _results_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
     gradients and optimizer state split across processes, gathered a block at a time. Launch
-    with `accelerate launch`; sampling and evaluation gather the whole model once."""
+    with `accelerate launch`; a --sample-every text gathers the model whole while it decodes."""
     eval_every: int = 200
     """Evaluate held-out bits per byte every N steps (0 disables; always at the end)."""
     eval_batches: int = 8

@@ -30,6 +30,7 @@ from palm_rlhf.generation import generate
 from palm_rlhf.model.reward import RewardConfig
 from palm_rlhf.rl.config import GRPOConfig, PPOConfig
 from palm_rlhf.rl.grpo import GRPOTrainer
+from palm_rlhf.rl.online import all_processes
 from palm_rlhf.rl.ppo import PPOTrainer
 from palm_rlhf.storage.safetensors import tensor_digest
 from palm_rlhf.training.config import TrainConfig
@@ -169,20 +170,25 @@ def uneven_decoding(accelerator: Accelerator) -> dict:
     with gathered(policy):
         out = generate(policy, prompts, generator=torch.Generator().manual_seed(5), **kwargs)
     reference = generate(whole, prompts, generator=torch.Generator().manual_seed(5), **kwargs)
+    # Sharded decoding: every step is a collective, so rank 0 decodes on (its rows finished,
+    # masked) until rank 1's rows end too, and the output is cut where its own rows ended.
+    sharded = generate(policy, prompts, generator=torch.Generator().manual_seed(5),
+                       stop_together=all_processes(accelerator), **kwargs)  # fmt: skip
     with torch.no_grad():
         after = policy(torch.tensor([[1, 2, 3]]))
     return {
         "decoded": int(out.mask.sum()),
         "equal": bool(torch.equal(out.tokens, reference.tokens)),
+        "sharded_equal": bool(torch.equal(sharded.tokens, reference.tokens)),
         "forward_after": bool(torch.allclose(after, whole(torch.tensor([[1, 2, 3]])), atol=1e-5)),
     }
 
 
-def grpo(accelerator: Accelerator, fsdp: bool, base_dtype: str = "stored") -> GRPOTrainer:
+def grpo(accelerator: Accelerator, fsdp: bool, **overrides) -> GRPOTrainer:
     torch.manual_seed(0)
     config = GRPOConfig(
         prompts_per_iteration=2, group_size=4, minibatch_size=4, max_new_tokens=6, lr=1e-2,
-        no_eos_penalty=float("nan"), fsdp=fsdp, base_dtype=base_dtype,
+        no_eos_penalty=float("nan"), fsdp=fsdp, **overrides,
     )  # fmt: skip
     return GRPOTrainer(
         PaLM(PaLMConfig(**SMALL)), TOK, [f"p{i}" for i in range(32)],
@@ -222,6 +228,11 @@ def online_stages(out: Path, accelerator: Accelerator) -> dict:
                 k: (v.full_tensor() if hasattr(v, "full_tensor") else v).double().sum().item()
                 for k, v in state.items()
             }
+    # Decoding sharded (the processes stopping together) samples what decoding gathered does.
+    sharded = grpo(accelerator, True, sample_gathered=False)
+    result["grpo_sharded_decoding"] = [
+        [m["score_mean"], m["kl_ref"], m["policy_loss"]] for m in sharded.train(3)
+    ]
     # A sharded GRPO run saved after 2 iterations resumes exactly; its state loads anywhere.
     straight = grpo(accelerator, True)
     straight.train(2)
