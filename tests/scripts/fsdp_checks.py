@@ -4,14 +4,15 @@
     accelerate launch ... fsdp_checks.py OUT two   # two CPU processes, sharded
 
 Each process writes OUT/MODE_rank{r}.json. The supervised stages (pretrain as a full
-fine-tune, a LoRA reward model, LoRA DPO) run sharded on two processes with batch b and
-unsharded on one with batch 2b: the same global batch, so the same losses and weights up to the
-reduction order. PPO and GRPO sample per process, so their sharded run is compared with an
-unsharded run on the same two processes. On two processes also: exact resume of a sharded run,
-a full fine-tune's checkpoint written one gathered tensor at a time, decoding with a sharded
-policy where the ranks stop at different steps, and a bf16 base with float32 adapters in one
-unit; `palm-rlhf ppo --fsdp` on the LoRA reward model's shared base. In `one` mode a sharded
-pretrain on a world of one runs too (the GPU script's case).
+fine-tune, a LoRA reward model with activation checkpointing, LoRA DPO accumulating two
+micro-batches) run sharded on two processes with batch b and unsharded on one with batch 2b:
+the same global batch, so the same losses and weights up to the reduction order. PPO and GRPO
+sample per process, so their sharded run is compared with an unsharded run on the same two
+processes. On two processes also: exact resume of a sharded run, a full fine-tune's
+checkpoint written one gathered tensor at a time, decoding with a sharded policy where the
+ranks stop at different steps (gathered, and sharded with a shared stop), a bf16 base with
+float32 adapters in one unit, and `palm-rlhf ppo --fsdp` on the LoRA reward model's shared
+base. In `one` mode a sharded pretrain on a world of one runs too (the GPU script's case).
 """
 
 import json
@@ -62,7 +63,7 @@ def write_inputs(out: Path, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_config(batch_size: int, fsdp: bool, **overrides) -> TrainConfig:
+def train_config(batch_size: int = 2, fsdp: bool = False, **overrides) -> TrainConfig:
     values = dict(
         seq_len=24, batch_size=batch_size, steps=3, lr=1e-2, warmup_steps=1, log_every=1,
         eval_every=3, checkpoint_every=1, keep_checkpoints=3, seed=1, fsdp=fsdp,
@@ -94,16 +95,23 @@ def supervised_stages(out: Path, accelerator: Accelerator, batch: int, fsdp: boo
     result["lm"] = summary(lm, ("loss", "grad_norm"))
     result["lm_eval"] = lm[-1]["eval_bpb"]
     result["lm_digest"] = checkpoint_digest(out / "lm")
+    # Sharded, the reward trunk also recomputes its blocks in backward (checkpointing inside
+    # the units): the same gradients.
     reward = train_reward(
-        inputs / "init", inputs / "prefs.jsonl", train_config(batch, fsdp),
+        inputs / "init", inputs / "prefs.jsonl",
+        train_config(batch, fsdp, activation_checkpointing=fsdp),
         RewardConfig(lora_rank=4), out / "reward", accelerator=accelerator, show_progress=False,
         heldout_fraction=HELDOUT,
     )  # fmt: skip
     result["reward"] = summary(reward, ("loss", "grad_norm", "accuracy"))
     result["reward_eval"] = reward[-1]["eval_accuracy"]
+    # DPO accumulates: a step of batch b is two micro-batches of b / 2 (sharded gradients
+    # reduce-scattered after each and summed), the same global batch again.
+    dpo_batch = dict(batch_size=batch // 2, grad_accum=2) if fsdp else dict(batch_size=batch)
     dpo = train_dpo(
-        inputs / "init", inputs / "prefs.jsonl", train_config(batch, fsdp), out_dir=out / "dpo",
-        accelerator=accelerator, show_progress=False, heldout_fraction=HELDOUT,
+        inputs / "init", inputs / "prefs.jsonl", train_config(fsdp=fsdp, **dpo_batch),
+        out_dir=out / "dpo", accelerator=accelerator, show_progress=False,
+        heldout_fraction=HELDOUT,
     )  # fmt: skip
     result["dpo"] = summary(dpo, ("loss", "grad_norm", "reward_accuracy"))
     result["dpo_eval"] = [dpo[-1]["eval_reward_accuracy"], dpo[-1]["eval_reward_margin"]]
