@@ -45,11 +45,12 @@ def test_two_sharded_processes_really_ran(runs):
     assert one["world"] == 1
 
 
-@pytest.mark.parametrize("stage", ["lm", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["lm", "sft", "reward", "dpo"])
 def test_sharded_step_equals_one_process_with_the_same_global_batch(runs, stage):
-    # Pretraining is a full fine-tune (every weight sharded); reward and DPO train LoRA scopes
-    # and heads on a frozen base. Losses and gradient norms per step: DPO's held-out accuracy
-    # is left out, since at step 1 every implicit reward ties at 0 up to the last bit.
+    # Pretraining is a full fine-tune (every weight sharded); SFT, reward and DPO train LoRA
+    # scopes (and heads) on a frozen base. Losses and gradient norms per step: DPO's
+    # training accuracy is left out, since at step 1 every implicit reward ties at 0 up to
+    # the last bit.
     _, one, two = runs
     assert two[0][stage] == two[1][stage]  # every rank logs the same numbers
     for sharded, single in zip(two[0][stage], one[stage], strict=True):
@@ -58,7 +59,7 @@ def test_sharded_step_equals_one_process_with_the_same_global_batch(runs, stage)
         assert [s[2] for s in two[0][stage]] == [s[2] for s in one[stage]]  # accuracy
 
 
-@pytest.mark.parametrize("stage", ["lm", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["lm", "sft", "reward", "dpo"])
 def test_sharded_evaluation_keeps_step_and_counts_each_row_once(runs, stage):
     # Held-out rows split unevenly (5 preference groups: 3 and 2), so one process repeats a
     # batch to keep step with the other's collectives; the repeat must not be counted.

@@ -4,7 +4,7 @@
     accelerate launch ... fsdp_checks.py OUT two   # two CPU processes, sharded
 
 Each process writes OUT/MODE_rank{r}.json. The supervised stages (pretrain as a full
-fine-tune, a LoRA reward model with activation checkpointing, LoRA DPO accumulating two
+fine-tune, LoRA SFT, a LoRA reward model with activation checkpointing, LoRA DPO accumulating two
 micro-batches) run sharded on two processes with batch b and unsharded on one with batch 2b:
 the same global batch, so the same losses and weights up to the reduction order. PPO and GRPO
 sample per process, so their sharded run is compared with an unsharded run on the same two
@@ -54,6 +54,9 @@ def write_inputs(out: Path, accelerator: Accelerator) -> None:
             (inputs / "corpus" / f"d{i}.txt").write_text(text)
         torch.manual_seed(0)
         PaLM(PaLMConfig(**SMALL)).save_pretrained(inputs / "init")
+        with open(inputs / "pairs.jsonl", "w") as handle:  # equal lengths: equal weights
+            for i in range(40):
+                handle.write(json.dumps({"prompt": f"q{i:02d}", "response": f" a{i:02d}"}) + "\n")
         with open(inputs / "prefs.jsonl", "w") as handle:
             for i in range(40):
                 responses = ["a" * (i % 5 + 1), "b" * (i % 3 + 1), "ab"]
@@ -95,6 +98,13 @@ def supervised_stages(out: Path, accelerator: Accelerator, batch: int, fsdp: boo
     result["lm"] = summary(lm, ("loss", "grad_norm"))
     result["lm_eval"] = lm[-1]["eval_bpb"]
     result["lm_digest"] = checkpoint_digest(out / "lm")
+    sft = train_lm(
+        None, train_config(batch, fsdp, **LM, eval_batches=8 // batch, lora_rank=4),
+        out / "sft", init_checkpoint=inputs / "init", sft=True, accelerator=accelerator,
+        show_progress=False, data=inputs / "pairs.jsonl",
+    )  # fmt: skip
+    result["sft"] = summary(sft, ("loss", "grad_norm"))
+    result["sft_eval"] = sft[-1]["eval_bpb"]
     # Sharded, the reward trunk also recomputes its blocks in backward (checkpointing inside
     # the units): the same gradients.
     reward = train_reward(
