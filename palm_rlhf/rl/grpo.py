@@ -62,6 +62,7 @@ from .online import (
     make_engine,
     make_generators,
     online_accelerator,
+    place_models,
     reward_sources,
     run_iterations,
     set_online_dtypes,
@@ -114,12 +115,9 @@ class GRPOTrainer:
         files = [METRICS_NAME, SAMPLES_NAME]
         self.run = OnlineRun("grpo", files, self.accelerator, out_dir, overwrite)
         torch.manual_seed(config.seed)
-        if not config.fsdp:  # sharding moves each unit to the device as it shards it
-            policy.to(self.accelerator.device)
+        place_models([policy, reward_model], config, self.accelerator)
         if reward_model is not None:
             reward_model.eval().requires_grad_(False)
-            if not config.fsdp:
-                reward_model.to(self.accelerator.device)
         self.policy = policy
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         actor = setup_actor(policy, config.full_finetune, lora, reward_model)

@@ -5,9 +5,9 @@
 - `setup_actor`: the policy the checkpoint holds (an adapter it carries folded in), its
   reference (the same base with adapters off; with full_finetune, a frozen copy) and the
   parameters that train (the "actor" LoRA scope, or every weight);
-- `online_accelerator`, `set_online_dtypes` and `shard_online_models`: the accelerator at the
-  config's precision, trained parameters in float32 beside a frozen base kept as stored, and
-  every model sharded with FSDP2 when asked;
+- `online_accelerator`, `set_online_dtypes`, `place_models` and `shard_online_models`: the
+  accelerator at the config's precision, trained parameters in float32 beside a frozen base
+  kept as stored, and the models on the device, or sharded onto it with FSDP2 when asked;
 - `make_generators` and `make_engine`: the per-process sampling and shuffling generators and the
   `RolloutEngine` built from a trainer's config;
 - `OnlineRun`: the run directory (its JSONL files claimed once, continued on resume) and the
@@ -100,6 +100,16 @@ def setup_actor(
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
         return Actor(reference, None, list(policy.requires_grad_(True).parameters()))
     return Actor(policy, ACTOR, policy.add_lora(ACTOR, lora))  # add_lora freezes the base
+
+
+def place_models(models: Sequence[nn.Module | None], config: Any, accelerator: Accelerator) -> None:
+    """The given models on the accelerator's device; with config.fsdp left where they are:
+    sharding moves each unit as it shards it, so a device never holds a whole model."""
+    if config.fsdp:
+        return
+    for model in models:
+        if model is not None:
+            model.to(accelerator.device)
 
 
 def shard_online_models(

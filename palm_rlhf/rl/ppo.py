@@ -23,10 +23,11 @@ One iteration (`PPOTrainer.step`):
             the same coefficient, and return the iteration's metrics (averaged over processes)
 Losses average over valid tokens of a minibatch (`losses.ppo`).
 
-Devices: the trainer puts the policy and reward model on the accelerator's device; sampling
-draws from a generator on that device, minibatch shuffling from one on the CPU. Each process
-has its own pair (seeded by rank), and `save` keeps every rank's states, so a resumed run on
-the same number of processes replays the uninterrupted one.
+Devices: the trainer puts the policy and reward model on the accelerator's device (with fsdp,
+sharding puts each unit there; `training.fsdp`); sampling draws from a generator on that
+device, minibatch shuffling from one on the CPU. Each process has its own pair (seeded by
+rank), and `save` keeps every rank's states, so a resumed run on the same number of processes
+replays the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .online import (
     make_engine,
     make_generators,
     online_accelerator,
+    place_models,
     reward_sources,
     run_iterations,
     set_online_dtypes,
@@ -150,10 +152,7 @@ class PPOTrainer:
         lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
         # The loop places the models (they know nothing about devices, STYLE habit 2).
         device = self.accelerator.device
-        if not config.fsdp:  # sharding moves each unit to the device as it shards it
-            policy.to(device)
-            if reward_model is not None:
-                reward_model.to(device)
+        place_models([policy, reward_model], config, self.accelerator)
 
         # Policy and reference: one base; the reference is the base with adapters off.
         self.policy = policy
