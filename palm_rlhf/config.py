@@ -268,7 +268,16 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, for CLI help and documentation."""
+    """The docstring under each field of a dataclass (and of the dataclasses it extends), for
+    CLI help and documentation."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -324,3 +333,20 @@ def preset_config(name: str, num_tokens: int, **overrides: Any) -> PaLMConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PaLMConfig(num_tokens=num_tokens, **{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """The precision and memory settings every training stage shares (TrainConfig, PPOConfig
+    and GRPOConfig extend it)."""
+
+    base_dtype: str = "stored"
+    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
+    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
+    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them: activation
+    memory of one block instead of all, for about a third more compute; same gradients."""
+
+    def __post_init__(self) -> None:
+        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)

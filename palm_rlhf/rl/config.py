@@ -6,12 +6,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import BASE_DTYPE_CHOICES, check, check_choice, check_ints, check_numbers
+from ..config import TrainingMemory, check, check_choice, check_ints, check_numbers
 from ..losses.grpo import LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class OnlineMechanics(TrainingMemory):
+    """How an online run computes (precision, memory, sharding, clipping): the fields PPOConfig
+    and GRPOConfig share, with the same meaning in both."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 disables)."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16': sampling, scoring and the training passes under bf16 autocast (through
+    accelerate, which fixes it once per process)."""
+    fsdp: bool = False
+    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
+    gradients and optimizer state split across processes, gathered a block at a time. Launch
+    with `accelerate launch`; sampling gathers the policy whole unless sample_gathered is off."""
+    sample_gathered: bool = True
+    """With fsdp: gather the whole policy once per rollout and decode with no collective, each
+    process to its own rows' eos (fast; every process holds the whole model while sampling).
+    False: decode sharded, a block gathered at a time at every step (the whole model crosses
+    the network once per new token; two blocks held), the processes stopping together once
+    every row of every process has ended."""
+
+    def __post_init__(self) -> None:
+        check_numbers(self, ("grad_clip",), strict=False)
+        super().__post_init__()
+        check_choice(self, "mixed_precision", ("no", "bf16"))
+
+
+@dataclass(frozen=True)
+class PPOConfig(OnlineMechanics):
     """PPO fine-tuning settings (`palm_rlhf.rl.ppo.PPOTrainer`). Defaults follow "The N
     Implementation Details of RLHF with PPO" (Huang et al.) scaled to toy models."""
 
@@ -68,32 +95,11 @@ class PPOConfig:
     full_finetune: bool = False
     """Train every policy weight instead of an actor adapter (the reference is then a frozen
     copy, and the critic gets its own copy of the trunk)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (0 disables)."""
-    mixed_precision: str = "no"
-    """'no' or 'bf16': sampling, scoring and the training passes under bf16 autocast (through
-    accelerate, which fixes it once per process)."""
-    base_dtype: str = "stored"
-    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
-    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them: activation
-    memory of one block instead of all, for about a third more compute; same gradients."""
-    fsdp: bool = False
-    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
-    gradients and optimizer state split across processes, gathered a block at a time. Launch
-    with `accelerate launch`; sampling gathers the policy whole unless sample_gathered is off."""
-    sample_gathered: bool = True
-    """With fsdp: gather the whole policy once per rollout and decode with no collective, each
-    process to its own rows' eos (fast; every process holds the whole model while sampling).
-    False: decode sharded, a block gathered at a time at every step (the whole model crosses
-    the network once per new token; two blocks held), the processes stopping together once
-    every row of every process has ended."""
     seed: int = 0
     """Seed for prompt order, sampling and minibatch shuffling."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ints(
             self,
             (
@@ -114,12 +120,8 @@ class PPOConfig:
         )
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check_numbers(self, ("lr", "critic_lr", "clip", "value_clip", "lora_alpha", "kl_target"))
-        check_numbers(
-            self, ("value_coef", "entropy_coef", "kl_coef", "score_clip", "grad_clip"), strict=False
-        )
+        check_numbers(self, ("value_coef", "entropy_coef", "kl_coef", "score_clip"), strict=False)
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
-        check_choice(self, "mixed_precision", ("no", "bf16"))
-        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
 
 
@@ -127,7 +129,7 @@ ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(OnlineMechanics):
     """Critic-free RL settings (`palm_rlhf.rl.grpo.GRPOTrainer`): GRPO and its variants (Dr.
     GRPO, DAPO, GSPO), RLOO and REINFORCE++. Defaults follow DeepSeekMath's GRPO at toy scale."""
 
@@ -192,34 +194,13 @@ class GRPOConfig:
     """Alpha of the actor LoRA scope."""
     full_finetune: bool = False
     """Train every policy weight (the reference is then a frozen copy)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (0 disables)."""
-    mixed_precision: str = "no"
-    """'no' or 'bf16': sampling, scoring and the training passes under bf16 autocast (through
-    accelerate, which fixes it once per process)."""
-    base_dtype: str = "stored"
-    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
-    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them: activation
-    memory of one block instead of all, for about a third more compute; same gradients."""
-    fsdp: bool = False
-    """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
-    gradients and optimizer state split across processes, gathered a block at a time. Launch
-    with `accelerate launch`; sampling gathers the policy whole unless sample_gathered is off."""
-    sample_gathered: bool = True
-    """With fsdp: gather the whole policy once per rollout and decode with no collective, each
-    process to its own rows' eos (fast; every process holds the whole model while sampling).
-    False: decode sharded, a block gathered at a time at every step (the whole model crosses
-    the network once per new token; two blocks held), the processes stopping together once
-    every row of every process has ended."""
     log_samples: int = 2
     """Completions written to grpo_samples.jsonl per iteration (rank 0)."""
     seed: int = 0
     """Seed for prompt order, sampling and minibatch shuffling."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ints(
             self,
             (
@@ -250,13 +231,9 @@ class GRPOConfig:
         )
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check_numbers(self, ("lr", "clip", "clip_high", "lora_alpha"))
-        check_numbers(
-            self, ("kl_coef", "score_clip", "grad_clip", "overlong_penalty"), strict=False
-        )
+        check_numbers(self, ("kl_coef", "score_clip", "overlong_penalty"), strict=False)
         check(self.clip < 1, "clip", f"must be < 1, got {self.clip}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
-        check_choice(self, "mixed_precision", ("no", "bf16"))
-        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check(
             0 <= self.overlong_buffer <= self.max_new_tokens,
             "overlong_buffer",

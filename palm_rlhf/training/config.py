@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import BASE_DTYPE_CHOICES, check, check_choice, check_ints
+from ..config import TrainingMemory, check, check_choice, check_ints
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainingMemory):
     """Pretraining / SFT loop settings (`palm_rlhf.training.lm.train_lm`)."""
 
     jsonl_field: str = "text"
@@ -45,13 +45,6 @@ class TrainConfig:
     scope named 'sft' of this rank (the checkpoint holds it; later stages fold it in)."""
     lora_alpha: float = 16.0
     """Alpha of the 'sft' LoRA scope (its output is multiplied by alpha / rank)."""
-    base_dtype: str = "stored"
-    """LoRA stages: the frozen base's dtype, 'stored' (as the checkpoint holds it: bf16 stays
-    bf16), float32, bfloat16 or float16; adapters and heads train in float32. Full fine-tunes
-    (pretrain/SFT without --lora-rank, --full-finetune) always train float32 master weights."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them: activation
-    memory of one block instead of all, for about a third more compute; same gradients."""
     fsdp: bool = False
     """Shard the models over the processes with torch's FSDP2 (one unit per block): weights,
     gradients and optimizer state split across processes, gathered a block at a time. Launch
@@ -76,6 +69,7 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ints(
             self,
             ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"),
@@ -97,7 +91,6 @@ class TrainConfig:
         check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         check_choice(self, "mixed_precision", ("no", "bf16"))
-        check_choice(self, "base_dtype", BASE_DTYPE_CHOICES)
         check_ints(self, ("lora_rank",), minimum=0)
         check(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha}")
         check(self.time_limit_s >= 0, "time_limit_s", f"must be >= 0, got {self.time_limit_s}")
