@@ -16,7 +16,8 @@ python -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py
 # runs it (examples/accelerate/gpus.yaml, --num_processes 1; the test above covers GRPO).
 fsdp_out=$(mktemp -d)
 accelerate launch --config_file examples/accelerate/gpus.yaml --num_processes 1 \
-    -m palm_rlhf.cli pretrain --fsdp --preset tiny --steps 2 --batch-size 4 --seq-len 128 \
+    -m palm_rlhf.cli pretrain --fsdp --mixed-precision bf16 --preset tiny --steps 2 \
+    --batch-size 4 --seq-len 128 \
     --warmup-steps 1 --eval-batches 1 --sample-every 2 --out "$fsdp_out/run" | tail -1
 # One throughput figure: batched KV-cache generation of the `small` preset (30M parameters),
 # bf16, batch 16, 64 prompt + 448 new tokens, median of 3 timed runs after one warm-up.

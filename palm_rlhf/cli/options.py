@@ -85,6 +85,20 @@ def given_options(cls: type, args: argparse.Namespace, skip: Sequence[str] = ())
     ]
 
 
+def check_launcher_precision(mixed_precision: str) -> None:
+    """The stage's --mixed-precision decides (its config records it in every checkpoint);
+    accelerate's would be overridden without a word, so a launcher that asks for another one
+    (`accelerate launch --mixed_precision`, or a launch config's `mixed_precision`) is refused
+    before anything runs."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is not None and launcher != mixed_precision:
+        raise ValueError(
+            f"the launcher asks for mixed precision {launcher!r}, the stage for "
+            f"{mixed_precision!r} (its --mixed-precision); give the stage "
+            f"--mixed-precision {launcher} or launch with --mixed_precision {mixed_precision}"
+        )
+
+
 def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> Any:
     """The one Accelerator a subcommand runs under (--cpu, the precision, --log-with).
 
@@ -94,6 +108,7 @@ def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> A
     """
     from accelerate import Accelerator
 
+    check_launcher_precision(mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         cpu=args.cpu or (launched > 1 and not torch.cuda.is_available()),

@@ -354,3 +354,20 @@ def test_tqdm_disable_silences_the_progress_bars(tmp_path):
 
     assert "pretrain: 100%" in pretrain("shown")
     assert "pretrain:" not in pretrain("silent", TQDM_DISABLE="1")
+
+
+def test_a_launcher_precision_the_stage_would_override_is_refused(tmp_path, capsys, monkeypatch):
+    # `accelerate launch --mixed_precision bf16` (or a launch config saying bf16) used to be
+    # overridden by the stage's --mixed-precision default 'no' without a word: the run went
+    # float32 while the launch config said bf16. Now the disagreement stops the run first.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = ["pretrain", "--cpu", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the launcher asks for mixed precision 'bf16', the stage for 'no'" in err
+    assert "--mixed-precision bf16" in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # agreeing: no complaint
+    from palm_rlhf.cli.options import check_launcher_precision
+
+    check_launcher_precision("no")
