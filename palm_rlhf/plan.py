@@ -89,6 +89,11 @@ class PlanSettings:
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
 
+    @property
+    def trains_every_weight(self) -> bool:
+        """A full fine-tune (float32 master weights), not a LoRA scope on a frozen base."""
+        return self.full_finetune or (self.stage in ("pretrain", "sft") and self.lora_rank == 0)
+
 
 @dataclass
 class MemoryPlan:
@@ -127,7 +132,7 @@ def plan_memory(config: PaLMConfig, settings: PlanSettings) -> MemoryPlan:
 
 
 def _plan(config: PaLMConfig, s: PlanSettings) -> MemoryPlan:
-    full = s.full_finetune or (s.stage in ("pretrain", "sft") and s.lora_rank == 0)
+    full = s.trains_every_weight
     stored = BASE_DTYPES[s.stored_dtype] or torch.float32
     base_dtype = torch.float32 if full else (BASE_DTYPES[s.base_dtype] or stored)
     lora = LoRAConfig(rank=s.lora_rank, alpha=s.lora_alpha) if not full else None

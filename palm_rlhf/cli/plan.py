@@ -163,10 +163,8 @@ def run_plan(args: argparse.Namespace) -> None:
     print(
         f"  {'(of the activations: one logits chunk)':38s} {plan.logits_chunk_bytes / gb:8.2f} GB"
     )
-    lora = not settings.full_finetune and not (settings.stage in ("pretrain", "sft")
-                                               and settings.lora_rank == 0)  # fmt: skip
     float16_base = settings.stored_dtype == "float16" and settings.base_dtype == "stored"
-    if lora and float16_base and settings.mixed_precision == "bf16":
+    if not settings.trains_every_weight and float16_base and settings.mixed_precision == "bf16":
         print(f"note: {AUTOCAST_COPIES}")
     others = ", ".join(f"{k} {v / gb:.2f} GB" for k, v in plan.phases.items())
     print(f"phases: {others}; not counted: allocator slack, CUDA context and workspaces")

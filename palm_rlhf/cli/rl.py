@@ -332,7 +332,7 @@ def run_online_stage(trainer: Any, args: argparse.Namespace, state_dir: Path, st
     )
     trainer.save(state_dir)
     accelerator = trainer.accelerator
-    if saves_here(trainer.policy, accelerator):
+    if saves_here(trainer.policy.state_dict().values(), accelerator):
         # The policy alone: its actor scope, not the critic and reward scopes that may share
         # its base.
         actor = [trainer.actor_scope] if trainer.actor_scope is not None else []

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from ..storage.atomic import read_json
 from ..storage.checkpoint import WEIGHTS_NAME, save_model_dir
 from ..storage.safetensors import flatten_state, load_safetensors, unflatten_state
-from ..training.fsdp import clip_gradients, load_into
+from ..training.fsdp import clip_gradients, load_into, saves_here
 from ..training.state import gather_rng_states, restore_rng_states
 
 
@@ -108,7 +108,7 @@ def save_rl_state(
         generator_state = generator.get_state()[None].to(accelerator.device)
         rng[name] = accelerator.gather(generator_state).cpu()
     main = accelerator.is_main_process
-    if main or any(isinstance(t, DTensor) for t in trainable.values()):
+    if saves_here(trainable.values(), accelerator):
         # Sharded tensors (FSDP) are gathered one at a time on every process; main writes.
         tensors, skeleton = flatten_state(
             {**state, "num_processes": accelerator.num_processes, **rng}

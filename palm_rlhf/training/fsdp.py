@@ -58,11 +58,11 @@ def is_sharded(model: nn.Module | None) -> bool:
     return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def saves_here(model: nn.Module | None, accelerator: Accelerator) -> bool:
-    """Whether this process takes part in saving `model`: the main process writes, and every
-    process gathers a sharded model's tensors with it (non-main processes of an unsharded run
-    skip the work)."""
-    return accelerator.is_main_process or is_sharded(model)
+def saves_here(tensors: Iterable[Tensor], accelerator: Accelerator) -> bool:
+    """Whether this process takes part in saving `tensors` (a state dict's values): the main
+    process writes, and every process gathers the sharded ones with it (non-main processes of
+    an unsharded run skip the work)."""
+    return accelerator.is_main_process or any(isinstance(t, DTensor) for t in tensors)
 
 
 def shard_models(models: Iterable[nn.Module | None], accelerator: Accelerator) -> None:
@@ -104,8 +104,8 @@ def _outside_palms(module: nn.Module) -> Iterator[nn.Module]:
 def gathered(*models: nn.Module | None) -> Iterator[None]:
     """Every unit of the sharded `models` all-gathered once on entry and kept whole until exit:
     inside, forwards make no collective, so each process may run as many as it needs (decoding
-    to its own rows' eos, scoring its share of held-out data). Costs the whole model's memory
-    while inside. Without sharding, nothing happens. A collective on entry and exit."""
+    to its own rows' eos). Costs the whole model's memory while inside. Without sharding,
+    nothing happens. A collective on entry and exit."""
     units = list({id(m): m for model in models if model is not None
                   for m in model.modules() if isinstance(m, FSDPModule)}.values())  # fmt: skip
     if not units:

@@ -54,8 +54,8 @@ class TrainingCheckpoints:
     ) -> Path:
         directory = self.root / f"step_{step:07d}"
         rng = gather_rng_states(accelerator)
-        main = accelerator.is_main_process
-        if saves_here(model, accelerator):
+        main, weights = accelerator.is_main_process, model.state_dict()
+        if saves_here(weights.values(), accelerator):
             # A sharded model's weights, optimizer state and base digest are gathered a tensor
             # at a time on every process; the main process writes them.
             tensors, skeleton = flatten_state(
@@ -69,9 +69,7 @@ class TrainingCheckpoints:
             # The model's own JSON (config.json, ...) makes the directory loadable by its
             # from_pretrained.
             files = {**model.checkpoint_json(), STATE_JSON: skeleton, **(json_files or {})}
-            save_model_dir(
-                directory, model.state_dict(), files, {STATE_TENSORS: tensors}, write=main
-            )
+            save_model_dir(directory, weights, files, {STATE_TENSORS: tensors}, write=main)
         if main:
             pointer = {"step": step, "dir": directory.name}
             write_bytes_atomic(self.root / "latest.json", json.dumps(pointer).encode())

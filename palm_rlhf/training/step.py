@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..model.palm import PaLM
 from ..progress import progress_kwargs
 from .config import TrainConfig
-from .fsdp import clip_gradients, is_sharded, shard_models
+from .fsdp import clip_gradients, shard_models
 from .runs import append_jsonl, rank0_decides
 from .state import TrainingCheckpoints
 
@@ -232,7 +232,7 @@ def clip_and_step(
     norm before clipping. With no clipping the bound is infinite: the norm is measured and the
     gradients are multiplied by exactly 1. Sharded gradients are clipped by their global norm."""
     bound = config.grad_clip if config.grad_clip > 0 else math.inf
-    if is_sharded(model):
+    if config.fsdp:  # (prepare_training sharded the model)
         grad_norm = clip_gradients(model.parameters(), bound)
     else:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), bound))
