@@ -83,9 +83,11 @@ class PPOConfig(OnlineMechanics):
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over valid tokens of the rollout batch."""
-    no_eos_penalty: float = -1.0
-    """Score given to a response that never emits eos instead of its reward (checklist 6);
-    set to nan to keep the reward's score."""
+    no_eos_penalty: float = float("nan")
+    """Score given instead of its reward to a response that never emits eos (checklist 6), e.g.
+    -1; nan (the default) keeps the reward's score, so the reward given is what PPO optimises.
+    A young policy rarely ends within max_new_tokens: the penalty then replaces most scores and
+    PPO learns to stop rather than to raise the reward (README, "Shaping")."""
     score_clip: float = 0.0
     """Clip scores to [-score_clip, score_clip]; 0 disables."""
     lora_rank: int = 8
@@ -183,9 +185,10 @@ class GRPOConfig(OnlineMechanics):
     """Largest overlong penalty (reached at max_new_tokens)."""
     mask_truncated: bool = False
     """Leave responses that never emitted eos out of the loss (DAPO's overlong filtering)."""
-    no_eos_penalty: float = -1.0
-    """Score given to a response that never emits eos instead of its reward (checklist 6);
-    nan keeps the reward's score."""
+    no_eos_penalty: float = float("nan")
+    """Score given instead of its reward to a response that never emits eos (checklist 6), e.g.
+    -1; nan (the default) keeps the reward's score, so the rewards given are what GRPO
+    optimises (README, "Shaping")."""
     score_clip: float = 0.0
     """Clip scores to [-score_clip, score_clip]; 0 disables."""
     lora_rank: int = 8

@@ -19,7 +19,9 @@ One iteration (`GRPOTrainer.step`):
             whitening and the token normaliser all see every process's rows)
     step 5. epochs over shuffled minibatches: clipped surrogate with clip / clip_high (+ the k3
             KL term for grpo), aggregated by loss_type; gradients averaged over processes
-    step 6. metrics averaged over processes; a few completions to grpo_samples.jsonl
+    step 6. metrics over every process's rows: each reward source (reward/<name>) first, then
+            the score optimised; a warning, once, if shaping changed more than a fifth of the
+            scores (`online.ShapingAlarm`); a few completions to grpo_samples.jsonl
 
 KL: grpo puts beta * k3(policy, reference) in the loss (DeepSeekMath eq. 3); rloo subtracts
 beta * the response's summed log-ratio from its score (Ahmadian et al. 2024); reinforce_pp and
@@ -59,12 +61,15 @@ from .config import GRPOConfig
 from .online import (
     OnlineRun,
     RewardSpec,
+    ShapingAlarm,
+    gather_rows,
     make_engine,
     make_generators,
     online_accelerator,
     place_models,
     reward_sources,
     run_iterations,
+    score_metrics,
     set_online_dtypes,
     setup_actor,
     shard_online_models,
@@ -134,6 +139,7 @@ class GRPOTrainer:
         self.engine = make_engine(
             policy, actor, tokenizer, rewards, self.generator, config, self.accelerator
         )
+        self.shaping = ShapingAlarm("grpo", config, self.accelerator)
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- sampling
@@ -196,7 +202,7 @@ class GRPOTrainer:
     # ----------------------------------------------------------------------------- advantages
 
     def _gather(self, x: Tensor) -> Tensor:
-        return x if self.accelerator.num_processes == 1 else self.accelerator.gather(x)
+        return gather_rows(x, self.accelerator)
 
     def advantages(self, trajectory: Trajectory, loss_mask: Tensor) -> Tensor:
         """Step 4: (b, n) advantages for this process's rows, computed over the global batch."""
@@ -325,11 +331,14 @@ class GRPOTrainer:
         # step 5. update
         metrics = {**sampling, **self._rollout_metrics(trajectory)}
         metrics.update(self.learn(trajectory, advantages, loss_mask, order))
-        # step 6. metrics and samples
-        metrics = mean_over_processes(metrics, self.accelerator)
-        metrics.update(self._reward_metrics(samples))
+        # step 6. metrics (each reward source first, then the shaped score) and samples
+        metrics = {
+            **score_metrics(samples, self.engine.rewards, self.accelerator),
+            **mean_over_processes(metrics, self.accelerator),
+        }
         self.iteration += 1
         metrics["iteration"] = self.iteration
+        self.shaping.check(metrics)
         self.history.append(metrics)
         self.run.append(METRICS_NAME, metrics)
         for i in range(min(config.log_samples, b)):
@@ -355,16 +364,6 @@ class GRPOTrainer:
             out["kl_ref"] = kl.sum(dim=1).mean().item()
         else:
             out["kl_ref"] = 0.0
-        return out
-
-    def _reward_metrics(self, samples: Samples) -> dict[str, float]:
-        """Mean and std of the score and of each reward source over every process's rows."""
-        scores = self._gather(samples.scores)
-        parts = self._gather(samples.reward_parts)
-        out = {"score_mean": scores.mean().item(), "score_std": scores.std().item()}
-        for column, name in enumerate(self.engine.rewards.names):
-            out[f"reward_{name}_mean"] = parts[:, column].mean().item()
-            out[f"reward_{name}_std"] = parts[:, column].std().item()
         return out
 
     # ----------------------------------------------------------------------------- checkpoints

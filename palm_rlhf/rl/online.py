@@ -12,6 +12,9 @@
   `RolloutEngine` built from a trainer's config;
 - `OnlineRun`: the run directory (its JSONL files claimed once, continued on resume) and the
   trainer's state saved and restored through `run_state`;
+- `score_metrics` and `ShapingAlarm`: each reward source's mean before the score RL optimises,
+  and a warning, once, when shaping (no_eos_penalty, score_clip, overlong_buffer) changed more
+  than a fifth of an iteration's scores: the user's reward is what gets optimised unless asked;
 - `OnlineTrainer` and `run_iterations`: the iteration driver both `train` methods call, and
   what it needs of a trainer, as a typed protocol.
 """
@@ -19,7 +22,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -40,7 +45,7 @@ from ..tokenizers.base import Tokenizer
 from ..training.fsdp import shard_models
 from ..training.runs import append_jsonl, claim_run_dir, rank0_decides, truncate_metrics
 from ..training.step import FULL_FINETUNE_BASE_DTYPE, set_training_dtypes
-from .rollout import RewardFn, RewardSources, RolloutEngine
+from .rollout import RewardFn, RewardSources, RolloutEngine, Samples
 from .run_state import load_rl_state, save_rl_state
 
 ACTOR = "actor"
@@ -234,6 +239,74 @@ def make_engine(
         autocast=accelerator.autocast,
         stop_together=all_processes(accelerator) if sharded_sampling(config) else None,
     )
+
+
+def gather_rows(x: Tensor, accelerator: Accelerator) -> Tensor:
+    """Every process's rows of x, concatenated in process order (x itself with one process)."""
+    return x if accelerator.num_processes == 1 else accelerator.gather(x)
+
+
+def score_metrics(
+    samples: Samples, rewards: RewardSources, accelerator: Accelerator
+) -> dict[str, float]:
+    """Over every process's rows, in this order: each reward source's raw mean and std
+    (`reward/<name>`, `reward/<name>_std`: what the user asked for), then the score RL
+    optimises (`score_mean`, `score_std`: the weighted sum after any shaping) and
+    `score_shaped_share`, the share of responses whose score shaping changed."""
+    parts = gather_rows(samples.reward_parts, accelerator)
+    scores = gather_rows(samples.scores, accelerator)
+    weights = torch.tensor(rewards.weights, dtype=parts.dtype, device=parts.device)
+    out = {}
+    for column, name in enumerate(rewards.names):
+        out[f"reward/{name}"] = parts[:, column].mean().item()
+        out[f"reward/{name}_std"] = parts[:, column].std().item()
+    out["score_mean"] = scores.mean().item()
+    out["score_std"] = scores.std().item()
+    out["score_shaped_share"] = (scores != parts @ weights).float().mean().item()
+    return out
+
+
+SHAPED_SHARE_LIMIT = 0.2
+"""Above this share of an iteration's scores changed by shaping, the trainer warns (once)."""
+
+
+def shaping_settings(config: Any) -> list[str]:
+    """The config's score-shaping settings that are on, as 'name=value' (PPO or GRPO config)."""
+    on = []
+    if not math.isnan(config.no_eos_penalty):
+        on.append(f"no_eos_penalty={config.no_eos_penalty:g}")
+    if config.score_clip > 0:
+        on.append(f"score_clip={config.score_clip:g}")
+    if getattr(config, "overlong_buffer", 0):
+        on.append(f"overlong_buffer={config.overlong_buffer}")
+    return on
+
+
+class ShapingAlarm:
+    """Warns once per run when shaping changed more than SHAPED_SHARE_LIMIT of an iteration's
+    scores: RL then optimises mostly the shaping, not the rewards the user gave (a young model
+    that rarely ends within max_new_tokens gets no_eos_penalty on nearly every response, and
+    learns to stop early instead of raising the reward)."""
+
+    def __init__(self, stage: str, config: Any, accelerator: Accelerator) -> None:
+        self.stage, self.settings = stage, shaping_settings(config)
+        self.speaks = accelerator.is_main_process
+        self.raised = False
+
+    def check(self, metrics: dict[str, Any]) -> None:
+        share = metrics["score_shaped_share"]
+        if self.raised or share <= SHAPED_SHARE_LIMIT:
+            return
+        self.raised = True
+        if self.speaks:
+            warnings.warn(
+                f"{self.stage}: shaping ({', '.join(self.settings)}) changed "
+                f"{share:.0%} of iteration {metrics['iteration']}'s scores (metric "
+                "score_shaped_share): the score optimised is no longer the reward you gave "
+                "(reward/<name> in the metrics). Turn the shaping off (no_eos_penalty nan, "
+                "score_clip 0, overlong_buffer 0) unless it is meant. Shown once per run.",
+                stacklevel=3,
+            )
 
 
 def sharded_sampling(config: SamplingConfig) -> bool:

@@ -63,12 +63,14 @@ from .config import PPOConfig
 from .online import (
     OnlineRun,
     RewardSpec,
+    ShapingAlarm,
     make_engine,
     make_generators,
     online_accelerator,
     place_models,
     reward_sources,
     run_iterations,
+    score_metrics,
     set_online_dtypes,
     setup_actor,
     shard_online_models,
@@ -218,6 +220,7 @@ class PPOTrainer:
         self.iteration = 0
         self.generator, self.shuffle_generator = make_generators(config.seed, self.accelerator)
         self.history: list[dict[str, Any]] = []
+        self.shaping = ShapingAlarm("ppo", config, self.accelerator)
         self.engine = make_engine(
             policy, actor, tokenizer, rewards, self.generator, config, self.accelerator
         )
@@ -257,13 +260,17 @@ class PPOTrainer:
         experience = Experience(trajectory, values, advantages, returns, kl)
         lengths = mask.sum(dim=1).float()
         metrics = {
-            "score_mean": scores.mean().item(),
             "kl_ref": kl.sum(dim=1).mean().item(),
             "response_len": lengths.mean().item(),
             "eos_rate": samples.ended.float().mean().item(),
             "kl_coef": self.kl_controller.value,
         }
-        return experience, self._mean_over_processes(metrics), order
+        # Each reward source first, then the shaped score RL optimises, over every process.
+        metrics = {
+            **score_metrics(samples, self.engine.rewards, self.accelerator),
+            **self._mean_over_processes(metrics),
+        }
+        return experience, metrics, order
 
     # ----------------------------------------------------------------------------- learning
 
@@ -382,6 +389,7 @@ class PPOTrainer:
         self.kl_controller.update(metrics["kl_ref"], config.rollout_batch_size * world)
         self.iteration += 1
         metrics["iteration"] = self.iteration
+        self.shaping.check(metrics)
         self.history.append(metrics)
         self.run.append(METRICS_NAME, metrics)
         return metrics

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import (
 from palm_rlhf import ByteTokenizer, LoRAConfig, PaLM, PaLMConfig
 from palm_rlhf.data.prompts import PromptRecord
 from palm_rlhf.model.reward import RewardConfig, RewardModel
-from palm_rlhf.rl.config import GRPOConfig
+from palm_rlhf.rl.config import GRPOConfig, PPOConfig
 from palm_rlhf.rl.grpo import GRPOTrainer
 from palm_rlhf.rl.online import load_reward_model
 
@@ -75,11 +76,20 @@ def test_first_ratio_is_exactly_one_and_metrics_and_samples_are_logged(tmp_path)
     history = trainer.train(2)
     for metrics in history:
         assert metrics["first_ratio_max_dev"] == 0.0
+        # Each reward source first, then the shaped score.
+        assert list(metrics)[:5] == [
+            "reward/share_of_a",
+            "reward/share_of_a_std",
+            "score_mean",
+            "score_std",
+            "score_shaped_share",
+        ]
+        assert metrics["score_shaped_share"] == 0.0
         for key in (
             "score_mean",
             "score_std",
-            "reward_share_of_a_mean",
-            "reward_share_of_a_std",
+            "reward/share_of_a",
+            "reward/share_of_a_std",
             "clip_frac_low",
             "clip_frac_high",
             "kl_ref",
@@ -90,12 +100,46 @@ def test_first_ratio_is_exactly_one_and_metrics_and_samples_are_logged(tmp_path)
         ):
             assert math.isfinite(metrics[key]), key
         # The score is the weighted sum: 2 x the function's value.
-        assert metrics["score_mean"] == pytest.approx(2 * metrics["reward_share_of_a_mean"])
+        assert metrics["score_mean"] == pytest.approx(2 * metrics["reward/share_of_a"])
     lines = (tmp_path / "grpo_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
     sample_lines = (tmp_path / "grpo_samples.jsonl").read_text().splitlines()
     samples = [json.loads(line) for line in sample_lines]
     assert len(samples) == 6 and {"prompt", "response", "score"} <= set(samples[0])
+
+
+def test_defaults_keep_the_users_score_and_shaping_that_rewrites_most_scores_warns_once():
+    # The bug: no_eos_penalty defaulted to -1, so a model that rarely ends within
+    # max_new_tokens had nearly every score replaced and learned to stop, not to raise the
+    # reward. Now nothing is replaced unless asked, and asking loudly says what it did.
+    assert math.isnan(GRPOConfig().no_eos_penalty) and math.isnan(PPOConfig().no_eos_penalty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shaping warning by default
+        plain = trainer_for(max_new_tokens=2, no_eos_penalty=GRPOConfig().no_eos_penalty)
+        metrics = plain.train(1)[0]
+    assert metrics["score_shaped_share"] == 0.0
+    assert metrics["score_mean"] == metrics["reward/share_of_a"]
+    shaped = trainer_for(max_new_tokens=2, no_eos_penalty=-1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = shaped.train(3)
+    messages = [str(w.message) for w in caught if "shaping" in str(w.message)]
+    assert len(messages) == 1, messages  # once per run, not once per iteration
+    assert "no_eos_penalty=-1" in messages[0] and "score_shaped_share" in messages[0]
+    ended = [m["eos_rate"] for m in history]
+    # The share is what the penalty did: every response that did not end was rewritten.
+    for m, eos_rate in zip(history, ended, strict=True):
+        assert m["score_shaped_share"] == pytest.approx(1 - eos_rate)
+        assert m["score_shaped_share"] > 0.2
+
+
+def test_a_clip_that_changes_few_scores_stays_quiet():
+    # score_clip far above every score changes none: no warning, share 0.
+    trainer = trainer_for(score_clip=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = trainer.train(1)[0]
+    assert metrics["score_shaped_share"] == 0.0
 
 
 def test_grpo_raises_a_simple_reward():
