@@ -158,6 +158,12 @@ class GRPOConfig(OnlineMechanics):
     response) or gspo (sequence-level importance ratio, per-sequence mean)."""
     epochs: int = 1
     """Passes over each rollout batch (1: one on-policy update per minibatch)."""
+    recompute_old_logprobs: bool = False
+    """Compute the old log-probs with a forward pass over the batch after sampling. Off: take
+    them from the sampler, which drew each token from the very distribution the ratio needs
+    (logits / temperature, unfiltered), so the first minibatch's ratio is 1 within float
+    rounding and one forward over the batch is saved. Always recomputed under bf16 mixed
+    precision, where the cached decode and a full forward round differently."""
     minibatch_size: int = 32
     """Responses per forward/backward pass."""
     grad_accum: int = 1

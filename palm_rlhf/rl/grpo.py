@@ -13,8 +13,9 @@ One iteration (`GRPOTrainer.step`):
     step 2. dynamic sampling (optional): drop groups whose scores are all equal and sample
             more prompts until every process has prompts_per_iteration informative groups;
             the processes decide together, so they run the same number of rounds
-    step 3. once, without gradients, in the first epoch's minibatches: old log-probs, and
-            reference log-probs unless kl_coef == 0 (then no reference pass runs)
+    step 3. once, without gradients, in the first epoch's minibatches: reference log-probs
+            unless kl_coef == 0 (then no reference pass runs); the old log-probs are the
+            sampler's (a forward pass only with recompute_old_logprobs, or under bf16)
     step 4. advantages over the whole batch across processes (gathered: batch std, global
             whitening and the token normaliser all see every process's rows)
     step 5. epochs over shuffled minibatches: clipped surrogate with clip / clip_high (+ the k3
@@ -140,6 +141,10 @@ class GRPOTrainer:
             policy, actor, tokenizer, rewards, self.generator, config, self.accelerator
         )
         self.shaping = ShapingAlarm("grpo", config, self.accelerator)
+        # The sampler's log-probs serve as the old ones in float32 (GRPOConfig docstring).
+        self.recompute_old_logprobs = (
+            config.recompute_old_logprobs or self.accelerator.mixed_precision != "no"
+        )
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- sampling
@@ -321,7 +326,11 @@ class GRPOTrainer:
         b = len(samples.prompts)
         order = torch.randperm(b, generator=self.shuffle_generator)
         trajectory = self.engine.logprobs(
-            samples, order, config.minibatch_size, reference=config.kl_coef > 0
+            samples,
+            order,
+            config.minibatch_size,
+            reference=config.kl_coef > 0,
+            recompute=self.recompute_old_logprobs,
         )
         loss_mask = samples.response_mask
         if config.mask_truncated:

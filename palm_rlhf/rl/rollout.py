@@ -8,7 +8,9 @@ For a batch of prompts it
        response that never emitted eos gets `no_eos_penalty` instead of its score (checklist 6);
     3. computes the old and reference log-probs once, without gradients, from a full forward at
        the sampling temperature, in the minibatches the first epoch will use, so the first
-       minibatch's importance ratio is exactly 1 (checklist 3 and 4).
+       minibatch's importance ratio is exactly 1 (checklist 3 and 4); or takes the old ones
+       from the sampler, which drew each token from that same distribution (GRPO's default in
+       float32: one forward less, and a first ratio of 1 within float rounding).
 
 A reward function is called as `fn(prompts, responses, **columns)`: lists of b strings, and one
 list of b values per extra field of the prompts' JSONL rows (None where a row lacks it), the way
@@ -97,6 +99,8 @@ class Samples(NamedTuple):
     group: Tensor  # (b,) long: which prompt of the batch each response answers
     prompts: list[str]  # b prompt texts
     responses: list[str]  # b decoded responses (eos not included)
+    sampled_logprobs: Tensor  # (b, n) float32: each token's log-prob under the distribution
+    # it was drawn from (the cached decode, logits / temperature, unfiltered); 0 where masked
 
     @property
     def prompt_len(self) -> int:
@@ -228,6 +232,7 @@ class RolloutEngine:
             group=group,
             prompts=prompts,
             responses=responses,
+            sampled_logprobs=out.logprobs.float().masked_fill(~mask, 0).to(device),
         )
 
     @torch.no_grad()
@@ -358,15 +363,29 @@ class RolloutEngine:
 
     @torch.no_grad()
     def logprobs(
-        self, samples: Samples, order: Tensor, minibatch_size: int, reference: bool = True
+        self,
+        samples: Samples,
+        order: Tensor,
+        minibatch_size: int,
+        reference: bool = True,
+        recompute: bool = True,
     ) -> Trajectory:
         """Old (and, if `reference`, reference) log-probs of every response, computed in the
-        chunks of `order` of minibatch_size rows: the first epoch's minibatches."""
+        chunks of `order` of minibatch_size rows: the first epoch's minibatches. recompute=False
+        takes the old log-probs from the sampler instead (`Samples.sampled_logprobs`): the same
+        distribution, since sampling is unfiltered at the same temperature, computed by the
+        cached decode rather than a full forward, so they agree within float rounding and one
+        forward over the batch is saved."""
         p, seq, seq_mask = samples.prompt_len, samples.sequences, samples.sequence_mask
-        old = torch.zeros(samples.response_mask.shape, device=seq.device)
+        old = (
+            torch.zeros(samples.response_mask.shape, device=seq.device)
+            if recompute
+            else samples.sampled_logprobs
+        )
         ref = torch.zeros_like(old) if reference else None
         for chunk in order.split(minibatch_size):
-            old[chunk] = self.policy_logprobs(seq[chunk], seq_mask[chunk], p)[0]
+            if recompute:
+                old[chunk] = self.policy_logprobs(seq[chunk], seq_mask[chunk], p)[0]
             if ref is not None:
                 stats = self._response_stats(self.reference, seq[chunk], seq_mask[chunk], p, None)
                 ref[chunk] = stats.logprobs
@@ -422,6 +441,7 @@ def concat_samples(parts: Sequence[Samples], pad_id: int) -> Samples:
         torch.cat(groups),
         [x for s in parts for x in s.prompts],
         [x for s in parts for x in s.responses],
+        torch.cat([_pad_to(s.sampled_logprobs, n, 0, left=False) for s in parts]),
     )
 
 
@@ -444,4 +464,5 @@ def select_groups(samples: Samples, groups: Sequence[int]) -> Samples:
         new_group,
         [samples.prompts[i] for i in picked],
         [samples.responses[i] for i in picked],
+        samples.sampled_logprobs[index],
     )
