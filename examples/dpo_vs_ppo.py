@@ -41,7 +41,7 @@ def main() -> None:
     out = args.out or args.demo / "dpo_vs_ppo"
     settings, tok = SETTINGS[preset], ByteTokenizer()
     sft_dir = TrainingCheckpoints(args.demo / "sft" / "checkpoints").latest()
-    _, _, eval_prompts = demo_prompts(settings, seed)
+    _, _, eval_pairs = demo_prompts(settings, seed)
     rankings = args.demo / "rankings.jsonl"
     results = {
         "seed": seed,
@@ -59,16 +59,16 @@ def main() -> None:
         history = train_dpo(sft_dir, rankings, config, DPOConfig(loss_type=loss_type,
                             beta=args.beta), out / loss_type, overwrite=True)  # fmt: skip
         policy = PaLM.from_pretrained(out / loss_type)
-        score, texts = rule_eval(
-            policy, tok, eval_prompts, settings.response_tokens, "dpo", seed + 2
-        )
+        judged = rule_eval(policy, tok, eval_pairs, settings.response_tokens, "dpo", seed + 2)
         results["dpo"][loss_type] = {
-            "rule_score": score,
+            "rule_score": judged.score,
+            "distinct_share": judged.distinct_share,
+            "mean_chars": judged.mean_chars,
             "heldout_reward_accuracy": history[-1].get("eval_reward_accuracy"),
             "seconds": round(time.perf_counter() - began, 1),
-            "sample": texts[0],
+            "sample": judged.texts[0],
         }
-        print(f"DPO ({loss_type}): rule score {score:.3f}")
+        print(f"DPO ({loss_type}): rule score {judged.score:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "dpo"}))

@@ -7,8 +7,10 @@ step 3. sample K bodies per training-file docstring prompt from the SFT policy; 
 step 4. train a reward model (from the SFT model) on those rankings only
 step 5. PPO from the SFT policy against the reward model
 step 6. on held-out files' docstring prompts: the rule's score after pretraining, SFT and
-        PPO, reward-model accuracy, KL to the reference, samples; score and KL per PPO
-        iteration (ppo_curves.csv, and a PNG with matplotlib); summary.json
+        PPO with the share of distinct responses and their mean length (a rising score with
+        one repeated answer would be an exploit, not a gain), reward-model accuracy, KL to
+        the reference, samples; score and KL per PPO iteration (ppo_curves.csv, and a PNG
+        with matplotlib); summary.json
 
 Each training stage has a time budget (it stops early, with a checkpoint, once its budget is
 spent), so a slower machine gets a weaker demo, not a longer one.
@@ -21,14 +23,20 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .config import preset_config
 from .data.docstrings import DocstringPair, stdlib_docstring_pairs
 from .label.human import HumanLabeling, rank_by_people
-from .label.simulated import label_samples, rule_score, sample_completions, write_rankings
+from .label.simulated import (
+    body_score,
+    label_samples,
+    parse_share,
+    sample_completions,
+    write_rankings,
+)
 from .model.palm import PaLM
 from .model.reward import RewardConfig, RewardModel
 from .plot import write_ppo_curves
@@ -59,8 +67,8 @@ DEMO_RUN_MARKERS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of each stage; `full` is sized to take about 13 minutes on a 2-core AMD EPYC, at
-    most 15 on a slower machine: each training stage has a time budget."""
+    """Sizes of each stage; `full` is sized to take about 14 minutes on a 2-core AMD EPYC
+    (the budgets stop each training stage early on a slower machine)."""
 
     pretrain_steps: int
     sft_examples: int
@@ -91,7 +99,7 @@ SETTINGS = {
         pretrain_steps=300,
         sft_examples=2000,
         sft_steps=90,
-        label_prompts=640,
+        label_prompts=512,
         eval_samples=8,
         heldout_groups_per_prompt=2,
         responses_per_prompt=4,
@@ -101,9 +109,9 @@ SETTINGS = {
         model_overrides={},
         # The budgets stop a slower machine early, within 15 minutes in all (summary.json's
         # steps_run says whether they did).
-        pretrain_budget_s=300.0,
-        sft_budget_s=90.0,
-        reward_budget_s=200.0,
+        pretrain_budget_s=260.0,
+        sft_budget_s=80.0,
+        reward_budget_s=180.0,
         ppo_budget_s=185.0,
     ),
     "smoke": DemoSettings(
@@ -124,32 +132,58 @@ SETTINGS = {
 
 def demo_prompts(
     settings: DemoSettings, seed: int
-) -> tuple[list[DocstringPair], list[str], list[str]]:
-    """SFT pairs and labelling/PPO prompts from the training files (disjoint), and the rule's
-    evaluation prompts from the held-out files only (each repeated eval_samples times)."""
+) -> tuple[list[DocstringPair], list[DocstringPair], list[DocstringPair]]:
+    """SFT pairs and labelling/PPO pairs from the training files (disjoint), and the rule's
+    evaluation pairs from the held-out files only (each repeated eval_samples times). A pair's
+    response is the real body, which the simulated labeler compares with."""
     train = stdlib_docstring_pairs(settings.sft_examples + settings.label_prompts, "train", seed)
     sft_pairs = train[: settings.sft_examples]
-    label_prompts = [pair.prompt for pair in train[settings.sft_examples :]]
-    heldout = [pair.prompt for pair in stdlib_docstring_pairs(10_000, "heldout", seed)]
-    return sft_pairs, label_prompts, heldout * settings.eval_samples
+    label_pairs = train[settings.sft_examples :]
+    heldout = stdlib_docstring_pairs(10_000, "heldout", seed)
+    return sft_pairs, label_pairs, heldout * settings.eval_samples
+
+
+class RuleEval(NamedTuple):
+    """One sampled response per evaluation pair, judged by the simulated labeler's rule."""
+
+    score: float
+    """Mean `body_score` (the demo's rule)."""
+    parse_share: float
+    """Mean `parse_share`: the earlier rule, that any short line which parses satisfies."""
+    distinct_share: float
+    """Distinct responses / responses (whitespace-stripped): 1/n for one repeated answer."""
+    mean_chars: float
+    """Mean response length in characters."""
+    texts: list[str]
 
 
 @torch.no_grad()
 def rule_eval(
     policy: PaLM,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    pairs: list[DocstringPair],
     max_new_tokens: int,
     lora_scope: str | None,
     seed: int,
-) -> tuple[float, list[str]]:
-    """Mean rule score of one sampled response per prompt (a prompt listed n times is sampled
-    n times), and the responses."""
+) -> RuleEval:
+    """One sampled response per pair (a pair listed n times is sampled n times), judged."""
     completions = sample_completions(
-        policy, tokenizer, prompts, max_new_tokens, seed=seed, lora_scope=lora_scope
+        policy, tokenizer, [p.prompt for p in pairs], max_new_tokens, seed=seed,
+        lora_scope=lora_scope,
+    )  # fmt: skip
+    texts = [text for text, _ in completions]
+    scores = [
+        body_score(text, finished, pair.prompt, pair.response)
+        for (text, finished), pair in zip(completions, pairs, strict=True)
+    ]
+    parsed = [parse_share(text, finished) for text, finished in completions]
+    return RuleEval(
+        score=sum(scores) / len(scores),
+        parse_share=sum(parsed) / len(parsed),
+        distinct_share=len({t.strip() for t in texts}) / len(texts),
+        mean_chars=sum(len(t) for t in texts) / len(texts),
+        texts=texts,
     )
-    scores = [rule_score(text, finished) for text, finished in completions]
-    return sum(scores) / len(scores), [text for text, _ in completions]
 
 
 def run_demo(
@@ -201,8 +235,10 @@ def run_demo(
 
     # step 2. SFT on (signature + docstring) -> body demonstrations from the training files
     log("step 2/6: supervised fine-tuning on docstring -> body pairs")
-    sft_pairs, train_prompts, eval_prompts = demo_prompts(settings, seed)
-    heldout_prompts = eval_prompts[: len(eval_prompts) // settings.eval_samples]
+    sft_pairs, label_pairs, eval_pairs = demo_prompts(settings, seed)
+    train_prompts = [pair.prompt for pair in label_pairs]
+    heldout_pairs = eval_pairs[: len(eval_pairs) // settings.eval_samples]
+    heldout_prompts = [pair.prompt for pair in heldout_pairs]
     sft_data = out / "sft.jsonl"
     write_bytes_atomic(
         sft_data,
@@ -237,15 +273,19 @@ def run_demo(
     policy = PaLM.from_pretrained(sft_dir)
     k, new = settings.responses_per_prompt, settings.response_tokens
     if human is None:
-        groups = label_samples(policy, tok, train_prompts, k, new, seed=seed)
+        references = [pair.response for pair in label_pairs]
+        groups = label_samples(policy, tok, train_prompts, k, new, seed=seed,
+                               references=references)  # fmt: skip
         write_rankings(groups, out / "rankings.jsonl")
     else:
         groups = rank_by_people(policy, tok, train_prompts, k, new, seed, out, human)
     # Held-out accuracy is measured against the rule either way: with people ranking, it says
     # how far their preferences and the rule (the demo's yardstick) agree.
+    repeats = settings.heldout_groups_per_prompt
     heldout_groups = label_samples(
-        policy, tok, heldout_prompts * settings.heldout_groups_per_prompt, k, new, seed=seed + 1
-    )
+        policy, tok, heldout_prompts * repeats, k, new, seed=seed + 1,
+        references=[pair.response for pair in heldout_pairs] * repeats,
+    )  # fmt: skip
     if len(groups) < 2:
         raise ValueError(
             f"only {len(groups)} rankings of {len(train_prompts)} prompts order anything; "
@@ -289,8 +329,8 @@ def run_demo(
     # step 5. PPO from the SFT policy (also its reference: adapters off)
     log(f"step 5/6: PPO against the reward model (held-out accuracy {rm_accuracy:.2f})")
     pretrained = PaLM.from_pretrained(base_dir)
-    before_score, before_texts = rule_eval(pretrained, tok, eval_prompts, new, None, seed + 2)
-    sft_score, _ = rule_eval(policy, tok, eval_prompts, new, None, seed + 2)
+    before = rule_eval(pretrained, tok, eval_pairs, new, None, seed + 2)
+    sft = rule_eval(policy, tok, eval_pairs, new, None, seed + 2)
     del pretrained
     trainer = PPOTrainer(
         policy,
@@ -310,9 +350,6 @@ def run_demo(
             adaptive_kl=True,
             kl_target=6.0,
             kl_horizon=40,
-            # The rule ignores an unfinished last line, so an unfinished body is no worse
-            # than a finished one there: no eos penalty either.
-            no_eos_penalty=float("nan"),
             seed=seed,
         ),
         out_dir=out,
@@ -323,7 +360,7 @@ def run_demo(
 
     # step 6. before/after on held-out prompts
     log("step 6/6: evaluating on held-out prompts")
-    after_score, after_texts = rule_eval(policy, tok, eval_prompts, new, "actor", seed + 2)
+    after = rule_eval(policy, tok, eval_pairs, new, "actor", seed + 2)
     policy.save_pretrained(out / "policy")  # with its "actor" adapter
     _, heldout_metrics, _ = trainer.rollout(heldout_prompts)
     curves = write_ppo_curves(
@@ -336,14 +373,32 @@ def run_demo(
         "preset": preset,
         "pretrain_eval_bpb": history[-1].get("eval_bpb"),
         "ranked_groups": len(groups),
-        "labeler": "people (ranking page)" if human else "simulated (label/simulated.py rule)",
+        "labeler": "people (ranking page)"
+        if human
+        else "simulated (label/simulated.py body_score)",
         "reward_model_heldout_accuracy": rm_accuracy,
-        "rule_score_before": before_score,
-        "rule_score_sft": sft_score,
-        "rule_score_after": after_score,
-        "rule_score_ratio": after_score / before_score if before_score else float("nan"),
+        "rule_score_before": before.score,
+        "rule_score_sft": sft.score,
+        "rule_score_after": after.score,
+        "rule_score_ratio": after.score / before.score if before.score else float("nan"),
+        "distinct_share": {
+            "before": before.distinct_share,
+            "sft": sft.distinct_share,
+            "after": after.distinct_share,
+        },
+        "mean_chars": {
+            "before": before.mean_chars,
+            "sft": sft.mean_chars,
+            "after": after.mean_chars,
+        },
+        # The earlier rule, which any short line that parses satisfies (the exploit lesson).
+        "parse_share": {
+            "before": before.parse_share,
+            "sft": sft.parse_share,
+            "after": after.parse_share,
+        },
         "rule_eval_prompts": len(heldout_prompts),
-        "rule_eval_samples": len(eval_prompts),
+        "rule_eval_samples": len(eval_pairs),
         "heldout_kl_to_reference": heldout_metrics["kl_ref"],
         "heldout_reward_score_after": heldout_metrics["score_mean"],
         # Steps each stage ran: fewer than asked means its time budget stopped it.
@@ -364,8 +419,8 @@ def run_demo(
         "ppo_curves_csv": curves["csv"],
         "ppo_curves_message": curves.get("message"),
         "samples": [
-            {"prompt": p, "before": b, "after": a}
-            for p, b, a in zip(eval_prompts[:3], before_texts, after_texts, strict=False)
+            {"prompt": p.prompt, "before": b, "after": a}
+            for p, b, a in zip(eval_pairs[:3], before.texts, after.texts, strict=False)
         ],
         "seconds": {
             **{k: round(v, 1) for k, v in timings.items()},
@@ -393,6 +448,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(
         f"rule score pretrained -> SFT -> PPO: {summary['rule_score_before']:.3f} -> "
         f"{summary['rule_score_sft']:.3f} -> {summary['rule_score_after']:.3f}"
+    )
+    distinct, chars = summary["distinct_share"], summary["mean_chars"]
+    print(
+        f"distinct responses            : {distinct['before']:.0%} -> {distinct['sft']:.0%} -> "
+        f"{distinct['after']:.0%}; mean length {chars['before']:.0f} -> {chars['sft']:.0f} -> "
+        f"{chars['after']:.0f} characters"
     )
     print(f"KL to reference (held-out)    : {summary['heldout_kl_to_reference']:.3f} nats")
     for sample in summary["samples"]:

@@ -25,26 +25,28 @@ def test_smoke_demo_reports_what_its_saved_models_do(tmp_path, capsys):
     # from the wrong model, split or seed, or counts that disagree with the files).
     rankings = (out / "rankings.jsonl").read_text().splitlines()
     assert summary["ranked_groups"] == len(rankings) >= 2
-    _, _, prompts = demo_prompts(settings, 1)
+    _, _, pairs = demo_prompts(settings, 1)
     heldout_files = {p.prompt for p in stdlib_docstring_pairs(10_000, "heldout")}
-    assert set(prompts) <= heldout_files  # evaluation only on held-out files' prompts
+    assert {p.prompt for p in pairs} <= heldout_files  # evaluation only on held-out prompts
     base = PaLM.from_pretrained(TrainingCheckpoints(out / "pretrain" / "checkpoints").latest())
-    before, _ = rule_eval(base, tok, prompts, settings.response_tokens, None, 1 + 2)
-    assert summary["rule_score_before"] == before
+    before = rule_eval(base, tok, pairs, settings.response_tokens, None, 1 + 2)
+    assert summary["rule_score_before"] == before.score
+    assert summary["distinct_share"]["before"] == before.distinct_share
+    assert summary["mean_chars"]["before"] == before.mean_chars
+    assert summary["parse_share"]["before"] == before.parse_share
     sft = PaLM.from_pretrained(TrainingCheckpoints(out / "sft" / "checkpoints").latest())
-    assert (
-        summary["rule_score_sft"]
-        == rule_eval(sft, tok, prompts, settings.response_tokens, None, 3)[0]
-    )
+    assert summary["rule_score_sft"] == rule_eval(sft, tok, pairs, settings.response_tokens,
+                                                  None, 3).score  # fmt: skip
     sft_rows = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
     assert len(sft_rows) == settings.sft_examples
     assert not {r["prompt"] for r in sft_rows} & heldout_files
     assert not {r["prompt"] for r in sft_rows} & {json.loads(x)["prompt"] for x in rankings}
-    after, texts = rule_eval(
-        PaLM.from_pretrained(out / "policy"), tok, prompts, settings.response_tokens, "actor", 3
+    after = rule_eval(
+        PaLM.from_pretrained(out / "policy"), tok, pairs, settings.response_tokens, "actor", 3
     )
-    assert summary["rule_score_after"] == after
-    assert [s["after"] for s in summary["samples"]] == texts[:3]
+    assert summary["rule_score_after"] == after.score
+    assert summary["distinct_share"]["after"] == after.distinct_share
+    assert [s["after"] for s in summary["samples"]] == after.texts[:3]
 
     metrics = [json.loads(line) for line in (out / "ppo_metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == list(range(1, settings.ppo_iterations + 1))

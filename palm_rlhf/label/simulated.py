@@ -3,16 +3,32 @@
 It stands in for human raters in the demo: the reward model never sees the rule, only the
 rankings it produces, exactly as it would only see human rankings.
 
-The rule scores a completion by how much of it reads as Python, line by line:
+The demo's rule (`body_score`) judges a function body written for a signature and docstring the
+way a reviewer would, against the body the stdlib really has there:
 
-    score = (number of complete lines that parse as Python) / (number of complete lines)
+    score = parses * (0.5 * close + 0.3 * uses_parameters + 0.2 * filled) * (0.25 if trivial)
 
-A line "parses" when, with its indentation removed, `ast.parse` accepts it; a line ending in
-":" (a block opener such as `def f(x):` or `for i in y:`) is tried with ` pass` appended, and
-a continuation keyword (`else:`, `elif c:`, `except E:`, `finally:`) is tried inside a minimal
-`if`/`try` statement. Blank and comment lines are skipped. The last line counts only if the
-completion ended it (a trailing newline or eos), so a cut-off line is neither rewarded nor
-punished. A completion with no complete line scores 0.
+- parses: 1 when the complete lines parse together as a block, else the share of them that
+  parse one by one (`parse_share`, below);
+- close: how close the body's tokens (names, numbers, operators) are to the real body's
+  opening of the same length (difflib's ratio of the two token sequences);
+- uses_parameters: the share of the signature's parameters (not self/cls) the body names (1
+  for a function without any);
+- filled: complete code up to FILL_CHARS characters, so an empty answer earns nothing there;
+- trivial: the body is one statement that says nothing (`return`, `pass`, `...`, `return
+  None`/`True`/`False`/`self`, `raise NotImplementedError`): a quarter of the score.
+
+So a constant short line that parses ranks low: it names no parameter, fills little and is
+rarely the real body. The earlier rule, the share of lines that parse alone, is kept as
+`parse_share`: it rewards any short line that parses, and PPO found that (README, "the exploit
+lesson"); `label_samples` still uses it for completions that have no real body to compare with.
+
+`parse_share`: a line "parses" when, with its indentation removed, `ast.parse` accepts it; a
+line ending in ":" (a block opener such as `def f(x):` or `for i in y:`) is tried with ` pass`
+appended, and a continuation keyword (`else:`, `elif c:`, `except E:`, `finally:`) is tried
+inside a minimal `if`/`try` statement. Blank and comment lines are skipped. The last line counts
+only if the completion ended it (a trailing newline or eos), so a cut-off line is neither
+rewarded nor punished. A completion with no complete line scores 0.
 
 Scores are rounded to `levels` steps before ranking, so completions the rule can barely tell
 apart are tied, as a careful human would tie them; ties contribute no training pair.
@@ -21,7 +37,12 @@ apart are tied, as a careful human would tie them; ties contribute no training p
 from __future__ import annotations
 
 import ast
+import difflib
 import json
+import keyword
+import re
+import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,23 +71,101 @@ def line_parses(line: str) -> bool:
     keyword = text.split(maxsplit=1)[0].rstrip(":") if text else ""
     if keyword in CONTINUATIONS:
         text = CONTINUATIONS[keyword].format(text)
-    try:
-        ast.parse(text)
-    except (SyntaxError, ValueError):
-        return False
+    return parses(text)
+
+
+def parses(text: str) -> bool:
+    """ast.parse accepts the text. Its warnings about what the model wrote (an invalid escape
+    such as '\\e' in a string) are not the user's business: silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ast.parse(text)
+        except (SyntaxError, ValueError):
+            return False
     return True
 
 
-def rule_score(completion: str, finished: bool = False) -> float:
-    """Fraction in [0, 1] of the completion's complete, non-blank, non-comment lines that parse.
-    `finished` marks a completion that ended with eos, so its last line counts too."""
+def complete_lines(completion: str, finished: bool = False) -> list[str]:
+    """The completion's complete, non-blank, non-comment lines (the last one only if
+    `finished`: it ended with eos)."""
     lines = completion.split("\n")
     if not finished:
         lines = lines[:-1]  # the text after the last newline is an unfinished line
-    lines = [line for line in lines if line.strip() and not line.strip().startswith("#")]
+    return [line for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def parse_share(completion: str, finished: bool = False) -> float:
+    """Fraction in [0, 1] of the completion's complete, non-blank, non-comment lines that parse.
+    `finished` marks a completion that ended with eos, so its last line counts too."""
+    lines = complete_lines(completion, finished)
     if not lines:
         return 0.0
     return sum(line_parses(line) for line in lines) / len(lines)
+
+
+FILL_CHARS = 32
+"""Characters of complete code that earn the whole `filled` part of `body_score`."""
+TRIVIAL_BODIES = frozenset(
+    {"pass", "...", "return", "return None", "return True", "return False", "return self",
+     "raise NotImplementedError", "raise NotImplementedError()"}
+)  # fmt: skip
+TOKEN = re.compile(r"[A-Za-z_]\w*|\d+|\S")
+
+
+def code_tokens(text: str) -> list[str]:
+    """Names, numbers and single punctuation characters, in order (strings are not parsed:
+    their words count as names, as a reader skimming the code would see them)."""
+    return TOKEN.findall(text)
+
+
+def block_parses(code: str) -> bool:
+    """The lines parse together as a block (a statement spread over several lines, which no
+    line parses alone), a trailing block opener completed with `pass`."""
+    text = textwrap.dedent(code)
+    if text.rstrip().endswith(":"):
+        text = text.rstrip() + " pass"
+    return parses(text)
+
+
+def signature_parameters(prompt: str) -> list[str]:
+    """The parameter names of the function a (decorators +) signature + docstring prompt
+    opens, without self and cls; [] when it does not parse as one."""
+    source = textwrap.dedent(prompt)
+    indent = "    "
+    try:
+        tree = ast.parse(source + indent + "pass\n")
+    except (SyntaxError, ValueError):
+        return []
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    if not functions:
+        return []
+    args = functions[0].args
+    every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+    every += [a for a in (args.vararg, args.kwarg) if a is not None]
+    return [a.arg for a in every if a.arg not in ("self", "cls")]
+
+
+def body_score(completion: str, finished: bool, prompt: str, reference: str) -> float:
+    """The demo's rule (module docstring): in [0, 1], how a reviewer would rate `completion` as
+    the body of the function `prompt` opens, whose real body is `reference`."""
+    lines = complete_lines(completion, finished)
+    if not lines:
+        return 0.0
+    code = "\n".join(lines)
+    parses = 1.0 if block_parses(code) else sum(map(line_parses, lines)) / len(lines)
+    tokens = code_tokens(code)
+    real = code_tokens(reference)[: max(len(tokens), 1)]
+    close = difflib.SequenceMatcher(None, tokens, real, autojunk=False).ratio()
+    parameters = signature_parameters(prompt)
+    names = {t for t in tokens if t.isidentifier() and not keyword.iskeyword(t)}
+    uses = sum(p in names for p in parameters) / len(parameters) if parameters else 1.0
+    filled = min(1.0, len(code.strip()) / FILL_CHARS)
+    score = parses * (0.5 * close + 0.3 * uses + 0.2 * filled)
+    statements = [line.strip() for line in lines]
+    if len(statements) == 1 and statements[0].rstrip(";") in TRIVIAL_BODIES:
+        score *= 0.25
+    return score
 
 
 def rank_completions(scores: Sequence[float], levels: int = 4) -> list[int]:
@@ -124,11 +223,18 @@ def label_samples(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-    levels: int = 4,
+    levels: int | None = None,
     lora_scope: str | None = None,
+    references: Sequence[str] | None = None,
 ) -> list[PreferenceGroup]:
-    """Sample k completions per prompt from `policy` and rank them with the rule. Groups whose
+    """Sample k completions per prompt from `policy` and rank them with the rule: `body_score`
+    against each prompt's real body when `references` (one per prompt) are given, else
+    `parse_share`. Scores are rounded to `levels` steps (default: 10 for body_score, whose
+    scores are continuous, 4 for parse_share, whose are shares of a few lines). Groups whose
     completions all tie are dropped: they hold no preference."""
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+    levels = levels or (4 if references is None else 10)
     rows = [p for p in prompts for _ in range(k)]
     completions = sample_completions(
         policy, tokenizer, rows, max_new_tokens, temperature, seed, batch_size, lora_scope
@@ -136,7 +242,11 @@ def label_samples(
     groups = []
     for index, prompt in enumerate(prompts):
         chunk = completions[index * k : (index + 1) * k]
-        ranks = rank_completions([rule_score(text, done) for text, done in chunk], levels)
+        if references is None:
+            scores = [parse_share(text, done) for text, done in chunk]
+        else:
+            scores = [body_score(text, done, prompt, references[index]) for text, done in chunk]
+        ranks = rank_completions(scores, levels)
         if len(set(ranks)) > 1:
             groups.append(PreferenceGroup(prompt, [text for text, _ in chunk], ranks))
     return groups
