@@ -51,7 +51,7 @@ import os
 import statistics
 import tempfile
 
-from bench_model import fmt, machine_info
+from bench_model import fmt, machine_info, versus
 from peer_workers import Link, run_interleaved, serve, timed
 
 FULL = dict(num_tokens=259, dim=128, depth=2, heads=4, dim_head=32, batch=16, prompt=32, new=112)
@@ -200,11 +200,11 @@ def print_table(results, c):
         ("setup_rss_mb", "peak RSS once built, MB"),
         ("peak_rss_mb", "peak RSS after the run, MB"),
     ]
-    header = ["metric", *NAMES.values(), f"ours/{NAMES['peer']}", f"ours/{NAMES['trl']}"]
+    header = ["metric", *NAMES.values(), f"ours vs {NAMES['peer']}", f"ours vs {NAMES['trl']}"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for key, label in rows:
         vals = [results.get(k, {}).get(key) for k in NAMES]
-        ratios = [f"{vals[0] / v:.2f}x" if vals[0] and v else "n/a" for v in vals[1:]]
+        ratios = [versus(key, vals[0], v) for v in vals[1:]]
         print("| " + " | ".join([label] + [fmt(v) for v in vals] + ratios) + " |")
 
 

@@ -111,7 +111,8 @@ class Trajectory(NamedTuple):
     """`Samples` plus the log-probs an update needs, computed once without gradients."""
 
     samples: Samples
-    old_logprobs: Tensor  # (b, n) float32: under the sampling policy, from a full forward
+    # (b, n) float32 under the sampling policy: from a full forward, or the sampler's own
+    old_logprobs: Tensor
     ref_logprobs: Tensor | None  # (b, n) float32 under the reference, None if not needed
 
 
