@@ -14,12 +14,13 @@ tied embeddings (508,672 parameters; Llama's extra RMSNorms add 256).
   fn, 1.0)], config=GRPOConfig(prompts_per_iteration=16, group_size=8, max_new_tokens=64,
   max_prompt_tokens=32, minibatch_size=32, epochs=1, no_eos_penalty=nan, kl_coef=0.04))``; one
   iteration = ``trainer.step()`` (one batched rollout of 16 x 8 with the KV cache, the reward
-  function on the decoded responses, old and reference log-prob forwards in minibatches of 32,
-  the reference being the base with the adapters off, group-relative advantages, then one epoch
+  function on the decoded responses, the reference log-prob forward in minibatches of 32 (the
+  old log-probs are the sampler's, so no second no-gradient forward runs), the reference being
+  the base with the adapters off, group-relative advantages, then one epoch
   of 4 minibatch updates with the k3 KL term, each an AdamW step; actor: LoRA rank 8 on a frozen
   base). A forward hook
-  sets the policy's eos logit to -1e4, so every response has all 64 tokens like the peers' (the
-  mean response length row checks it, from the step's metrics).
+  sets the policy's eos logit to -1e4 while it decodes, so every response has all 64 tokens like
+  the peers' (the mean response length row checks it, from the step's metrics).
 * peer -- palm-rlhf-pytorch 0.8.0 ships GRPO as ``palm_rlhf_pytorch.grpo.RLHFTrainer`` (not
   exported at the package top level). ``RLHFTrainer(palm=PaLM(..., flash_attn=True),
   reward_model=CountA(), prompt_token_ids=(16, 32) ids, grpo_num_times_sample_rewards=7,
@@ -119,7 +120,13 @@ def build_ours(c, args, learn_times):
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)
     policy = PaLM(cfg)
     params, eos = sum(p.numel() for p in policy.parameters()), torch.tensor([tok.eos_id])
-    policy.register_forward_hook(lambda m, i, out: out.index_fill(-1, eos, -1e4))
+
+    def no_eos(module, inputs, out):
+        # Decoding returns logits: eos never wins, so every response has all its tokens. The
+        # log-prob passes return per-token statistics computed in chunks, left as they are.
+        return out.index_fill(-1, eos, -1e4) if isinstance(out, torch.Tensor) else out
+
+    policy.register_forward_hook(no_eos)
     prompts = [bytes(row[1:].tolist()).decode() for row in prompt_ids(c)]  # + bos = prompt len
     config = GRPOConfig(
         prompts_per_iteration=c["prompts"],
@@ -130,6 +137,7 @@ def build_ours(c, args, learn_times):
         epochs=1,
         no_eos_penalty=float("nan"),
         kl_coef=args.kl_coef,
+        recompute_old_logprobs=args.recompute_old_logprobs,
     )
     reward_fns = [("count_a", count_a, 1.0)]
     trainer = GRPOTrainer(
@@ -282,7 +290,8 @@ def worker(args):
 def worker_flags(args):
     """The parent's settings, passed on to every worker."""
     return ["--threads", str(args.threads), "--minibatch", str(args.minibatch),
-            "--kl-coef", str(args.kl_coef)] + (["--quick"] if args.quick else [])  # fmt: skip
+            "--kl-coef", str(args.kl_coef)] + (["--quick"] if args.quick else []) + (
+            ["--recompute-old-logprobs"] if args.recompute_old_logprobs else [])  # fmt: skip
 
 
 def median_of(runs, key):
@@ -333,6 +342,11 @@ def main():
     p.add_argument("--minibatch", type=int, help="responses per optimizer step (default 32)")
     p.add_argument("--kl-coef", type=float, default=0.04, help="KL weight (beta) for all three")
     p.add_argument("--quick", action="store_true", help="tiny model and lengths: smoke check")
+    p.add_argument(
+        "--recompute-old-logprobs",
+        action="store_true",
+        help="ours: a forward pass for the old log-probs instead of the sampler's",
+    )
     p.add_argument("--json", help="also write the results to this path")
     p.add_argument("--log-dir", help="worker logs (default: a new temporary folder)")
     p.add_argument("--worker", choices=list(NAMES), help=argparse.SUPPRESS)

@@ -5,7 +5,8 @@ generated in code, from one SFT checkpoint per (task, seed), 3 seeds each. A mea
 
 step 1. tasks: "add" (two-digit addition, "47+85=" -> "132") and "sort" (five digits sorted,
         "sort 38152=" -> "12358"); train and test problems never overlap
-step 2. per (task, seed): SFT of a fresh tiny PaLM (dim 96, depth 2) on a sloppy demonstrator
+step 2. per (task, seed): SFT of a fresh tiny PaLM (dim 96, depth 2; 6,000 steps for add, the
+        example's, 3,000 for sort, which this model learns sooner) on a sloppy demonstrator
         (60% of its answers wrong in one systematic way: one too many for addition, two
         neighbours swapped for sorting), so SFT leaves room that only the verifier can fill
 step 3. per algorithm, from that SFT checkpoint, with the same sample budget (--samples sampled
@@ -93,9 +94,9 @@ def sloppy_sort(problem: PromptRecord, rng: random.Random, error_rate: float) ->
 TASKS = {
     "add": dict(
         problems=lambda n, split, seed: addition_problems(n, digits=2, split=split, seed=seed),
-        sloppy=sloppy_answer, max_new_tokens=4,
+        sloppy=sloppy_answer, max_new_tokens=4, sft_steps=6000,
     ),
-    "sort": dict(problems=sort_problems, sloppy=sloppy_sort, max_new_tokens=6),
+    "sort": dict(problems=sort_problems, sloppy=sloppy_sort, max_new_tokens=6, sft_steps=3000),
 }  # fmt: skip
 
 
@@ -143,10 +144,10 @@ def sft_checkpoint(task: str, seed: int, out: Path, args) -> Path:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = PaLMConfig(num_tokens=TOK.vocab_size, dim=96, depth=2, heads=4, dim_head=24,
                         max_seq_len=32)  # fmt: skip
-    train_config = TrainConfig(seq_len=24, batch_size=64, steps=args.sft_steps, lr=3e-3,
-                               warmup_steps=20, weight_decay=0.0, eval_every=0, sample_every=0,
-                               checkpoint_every=args.sft_steps, log_every=500,
-                               seed=seed)  # fmt: skip
+    steps = args.sft_steps or spec["sft_steps"]
+    train_config = TrainConfig(seq_len=24, batch_size=64, steps=steps, lr=3e-3, warmup_steps=20,
+                               weight_decay=0.0, eval_every=0, sample_every=0,
+                               checkpoint_every=steps, log_every=500, seed=seed)  # fmt: skip
     train_lm(config, train_config, directory / "run", sft=True, overwrite=True, data=str(data),
              show_progress=False)  # fmt: skip
     (directory / "done").write_text("")
@@ -290,7 +291,13 @@ def main():
     add("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     add("--samples", type=int, default=256 * 40, help="sampled responses per run")
     add("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
-    add("--sft-steps", type=int, default=1500)
+    add(
+        "--sft-steps",
+        type=int,
+        default=0,
+        help="SFT steps for every task (default: 6000 for add, as examples/grpo_arithmetic.py, "
+        "whose SFT checkpoints are the same; 3000 for sort)",
+    )
     add("--dpo-epochs", type=int, default=2)
     add("--test-problems", type=int, default=300)
     args = parser.parse_args()
