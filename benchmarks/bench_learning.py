@@ -7,8 +7,8 @@ step 1. tasks: "add" (two-digit addition, "47+85=" -> "132") and "sort" (five di
         "sort 38152=" -> "12358"); train and test problems never overlap
 step 2. per (task, seed): SFT of a fresh tiny PaLM (dim 96, depth 2; 6,000 steps for add, the
         example's, 3,000 for sort, which this model learns sooner) on a sloppy demonstrator
-        (60% of its answers wrong in one systematic way: one too many for addition, two
-        neighbours swapped for sorting), so SFT leaves room that only the verifier can fill
+        (60% of its answers wrong in one systematic way: one too many for addition, the
+        first two digits swapped for sorting), so SFT leaves room that only the verifier fills
 step 3. per algorithm, from that SFT checkpoint, with the same sample budget (--samples sampled
         responses): the online methods sample it over their iterations (GRPO-family: 32
         prompts x G=8 per iteration; PPO: 256 prompts x 1), DPO samples it from the SFT
@@ -83,12 +83,13 @@ def sort_problems(count: int, split: str, seed: int) -> list[PromptRecord]:
 
 
 def sloppy_sort(problem: PromptRecord, rng: random.Random, error_rate: float) -> str:
-    """Right 1 - error_rate of the time, else two neighbouring digits of the answer swapped."""
+    """Right 1 - error_rate of the time, else with its first two digits swapped: one systematic
+    flaw, like addition's +1, so that SFT's most likely answer is the wrong one (errors spread
+    over several places would leave the right answer the mode, and greedy decoding right)."""
     answer = problem.fields["answer"]
     if rng.random() >= error_rate:
         return answer
-    i = rng.randrange(len(answer) - 1)
-    return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+    return answer[1] + answer[0] + answer[2:]
 
 
 TASKS = {
@@ -175,14 +176,16 @@ def run_online(name, task, seed, start, train, test, args):
         trainer = GRPOTrainer(policy, TOK, train, reward_fns=[exact_match], config=config,
                               show_progress=False)  # fmt: skip
     per_iteration = PROMPTS * GROUP
-    iterations = args.samples // per_iteration
     curve = [(0, accuracy(policy, test, None, new))]
     began, sampled = time.perf_counter(), 0
-    while trainer.iteration < iterations:
-        chunk = min(args.eval_every, iterations - trainer.iteration)
-        history = trainer.train(chunk)
-        # DAPO's dynamic sampling draws more than one batch per iteration: count what it drew.
-        sampled += sum(per_iteration * m.get("sampling_rounds", 1) for m in history)
+    while sampled < args.samples:
+        # DAPO's dynamic sampling may draw several batches per iteration: the budget counts
+        # what was drawn, so DAPO runs fewer iterations for the same samples.
+        for _ in range(args.eval_every):
+            metrics = trainer.train(1)[0]
+            sampled += per_iteration * int(metrics.get("sampling_rounds", 1))
+            if sampled >= args.samples:
+                break
         curve.append((sampled, accuracy(policy, test, "actor", new)))
     seconds = time.perf_counter() - began
     return curve, kl_to_start(policy, test, "actor", new), seconds
@@ -209,16 +212,18 @@ def run_dpo(task, seed, start, train, test, args, out):
         if good and bad:  # the verifier's ranking: every right answer above every wrong one
             lines.append(json.dumps({"prompt": problem.prompt, "responses": responses,
                                      "ranking": [good, bad]}))  # fmt: skip
+    curve = [(0, accuracy(policy, test, None, new))]
+    if not lines:  # every group all right or all wrong: the verifier ranks nothing
+        return curve + [(args.samples, curve[0][1])], 0.0, time.perf_counter() - began, 0
     data = out / "dpo" / f"{task}-{seed}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("\n".join(lines) + "\n")
     steps = max(1, args.dpo_epochs * len(lines) // 16)
-    config = TrainConfig(seq_len=24, batch_size=16, steps=steps, lr=LR, warmup_steps=10,
+    config = TrainConfig(seq_len=24, batch_size=16, steps=steps, lr=args.dpo_lr, warmup_steps=10,
                          eval_every=0, log_every=50, checkpoint_every=steps, weight_decay=0.0,
                          seed=seed)  # fmt: skip
-    curve = [(0, accuracy(policy, test, None, new))]
     run_dir = out / "dpo" / f"{task}-{seed}"
-    train_dpo(start / "run", data, config, DPOConfig(), run_dir, heldout_fraction=0.0,
+    train_dpo(start / "run", data, config, DPOConfig(), run_dir, heldout_fraction=0.05,
               show_progress=False, overwrite=True)  # fmt: skip
     trained = PaLM.from_pretrained(run_dir).eval()
     curve.append((args.samples, accuracy(trained, test, "dpo", new)))
@@ -299,6 +304,7 @@ def main():
         "whose SFT checkpoints are the same; 3000 for sort)",
     )
     add("--dpo-epochs", type=int, default=2)
+    add("--dpo-lr", type=float, default=LR, help="DPO's learning rate (default: the others')")
     add("--test-problems", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(2)
