@@ -262,9 +262,12 @@ def score_metrics(
         out[f"reward/{name}_std"] = parts[:, column].std().item()
     out["score_mean"] = scores.mean().item()
     out["score_std"] = scores.std().item()
-    # Rounding apart (a matrix product over the gathered rows may sum in another order than
-    # each process's own), a score differs from its weighted sum only where shaping acted.
-    shaped = ~torch.isclose(scores, parts @ weights, rtol=1e-6, atol=1e-6)
+    # Rounding apart (the gathered rows' product may sum in another order than each process's
+    # own; under bf16 autocast the scores were summed in bf16), a score differs from its
+    # weighted sum only where shaping acted.
+    tolerance = max(1e-6, 2 * torch.finfo(scores.dtype).eps)
+    raw = parts.float() @ weights.float()
+    shaped = ~torch.isclose(scores.float(), raw, rtol=tolerance, atol=tolerance)
     out["score_shaped_share"] = shaped.float().mean().item()
     return out
 
