@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import json
 import keyword
 import re
@@ -98,10 +99,12 @@ def complete_lines(completion: str, finished: bool = False) -> list[str]:
 def parse_share(completion: str, finished: bool = False) -> float:
     """Fraction in [0, 1] of the completion's complete, non-blank, non-comment lines that parse.
     `finished` marks a completion that ended with eos, so its last line counts too."""
-    lines = complete_lines(completion, finished)
-    if not lines:
-        return 0.0
-    return sum(line_parses(line) for line in lines) / len(lines)
+    return share_parsing(complete_lines(completion, finished))
+
+
+def share_parsing(lines: Sequence[str]) -> float:
+    """The share of the lines that parse one by one (`line_parses`); 0 for no line."""
+    return sum(map(line_parses, lines)) / len(lines) if lines else 0.0
 
 
 FILL_CHARS = 32
@@ -128,22 +131,24 @@ def block_parses(code: str) -> bool:
     return parses(text)
 
 
-def signature_parameters(prompt: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def signature_parameters(prompt: str) -> tuple[str, ...]:
     """The parameter names of the function a (decorators +) signature + docstring prompt
-    opens, without self and cls; [] when it does not parse as one."""
+    opens, without self and cls; () when it does not parse as one. Cached: a prompt's k
+    completions are all scored against it."""
     source = textwrap.dedent(prompt)
     indent = "    "
     try:
         tree = ast.parse(source + indent + "pass\n")
     except (SyntaxError, ValueError):
-        return []
+        return ()
     functions = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
     if not functions:
-        return []
+        return ()
     args = functions[0].args
     every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
     every += [a for a in (args.vararg, args.kwarg) if a is not None]
-    return [a.arg for a in every if a.arg not in ("self", "cls")]
+    return tuple(a.arg for a in every if a.arg not in ("self", "cls"))
 
 
 def body_score(completion: str, finished: bool, prompt: str, reference: str) -> float:
@@ -153,7 +158,7 @@ def body_score(completion: str, finished: bool, prompt: str, reference: str) -> 
     if not lines:
         return 0.0
     code = "\n".join(lines)
-    parses = 1.0 if block_parses(code) else sum(map(line_parses, lines)) / len(lines)
+    parsed = 1.0 if block_parses(code) else share_parsing(lines)
     tokens = code_tokens(code)
     real = code_tokens(reference)[: max(len(tokens), 1)]
     close = difflib.SequenceMatcher(None, tokens, real, autojunk=False).ratio()
@@ -161,7 +166,7 @@ def body_score(completion: str, finished: bool, prompt: str, reference: str) -> 
     names = {t for t in tokens if t.isidentifier() and not keyword.iskeyword(t)}
     uses = sum(p in names for p in parameters) / len(parameters) if parameters else 1.0
     filled = min(1.0, len(code.strip()) / FILL_CHARS)
-    score = parses * (0.5 * close + 0.3 * uses + 0.2 * filled)
+    score = parsed * (0.5 * close + 0.3 * uses + 0.2 * filled)
     statements = [line.strip() for line in lines]
     if len(statements) == 1 and statements[0].rstrip(";") in TRIVIAL_BODIES:
         score *= 0.25

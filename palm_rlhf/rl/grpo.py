@@ -206,9 +206,6 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- advantages
 
-    def _gather(self, x: Tensor) -> Tensor:
-        return gather_rows(x, self.accelerator)
-
     def advantages(self, trajectory: Trajectory, loss_mask: Tensor) -> Tensor:
         """Step 4: (b, n) advantages for this process's rows, computed over the global batch."""
         config, samples = self.config, trajectory.samples
@@ -225,7 +222,8 @@ class GRPOTrainer:
                 scores = scores - config.kl_coef * kl.sum(dim=1)
             # Groups are numbered per process; offset them so they stay distinct when gathered.
             group = samples.group + rank * (int(samples.group.max()) + 1)
-            all_scores, all_groups = self._gather(scores), self._gather(group)
+            all_scores = gather_rows(scores, self.accelerator)
+            all_groups = gather_rows(group, self.accelerator)
             if config.estimator == "grpo":
                 sequence = group_advantages(all_scores, all_groups, config.scale_rewards)
             else:

@@ -18,9 +18,9 @@ REAL = "    if value < low:\n        return low\n    return min(value, high)\n"
 
 def test_signature_parameters_skip_self_and_read_every_kind():
     method = '    @staticmethod\n    def f(self, a, /, b=1, *args, c, **kw):\n        """Doc."""\n'
-    assert signature_parameters(method) == ["a", "b", "c", "args", "kw"]
-    assert signature_parameters('def g(self):\n    """Doc."""\n') == []
-    assert signature_parameters("not a signature (\n") == []
+    assert signature_parameters(method) == ("a", "b", "c", "args", "kw")
+    assert signature_parameters('def g(self):\n    """Doc."""\n') == ()
+    assert signature_parameters("not a signature (\n") == ()
 
 
 @pytest.mark.parametrize("trivial", sorted(TRIVIAL_BODIES))
