@@ -36,18 +36,28 @@ class LoRAAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         self.scaling = config.alpha / config.rank
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, base: Tensor) -> Tensor:
+        """base + delta(x), where base is the frozen projection's output for x."""
         # The adapter trains in its own precision (float32) on a base kept in its stored one
-        # (bf16): read the input in the adapter's dtype and hand the result back in the input's.
+        # (bf16): read the input in the adapter's dtype and hand the result back in the base's.
         # Under autocast the products run in its dtype whatever the input's, so a float32 copy
         # of the input would only be kept for backward, unused. The scale multiplies the rank-r
         # intermediate, not the full-width output: one (tokens x out_features) temporary fewer
         # (1.1 GB for Command R7B's fused projection over 8k tokens in float32).
-        dtype = x.dtype
-        if not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
             x = x.to(self.down.dtype)
         down = F.linear(x, self.down) * self.scaling
-        return F.linear(down, self.up).to(dtype)
+        # `up` enters the product as a contiguous (rank, out) matrix: autograd then forms its
+        # gradient as down^T @ grad, reading grad row by row. F.linear(down, up) forms
+        # grad^T @ down instead, a strided walk over the full-width gradient that ran 10x slower
+        # on CPU (12.5 ms against 1.2 ms at 3040 tokens x 1216 outputs, rank 8): a third of a
+        # LoRA update's time. addmm also adds into base within the product, so no full-width
+        # delta is materialised.
+        up = self.up.t().contiguous()
+        if autocast or base.dtype == down.dtype:
+            return torch.addmm(base.flatten(0, -2), down.flatten(0, -2), up).view(base.shape)
+        return base + (down @ up).to(base.dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.up @ self.down) * self.scaling
@@ -74,7 +84,7 @@ class LoRALinear(nn.Linear):
                 return torch.ops.mkl._mkl_linear(x, packed_weight, weight, None, rows)
         out = F.linear(x, self.weight)
         if scope is not None and scope in self.adapters:
-            out = out + self.adapters[scope](x)
+            out = self.adapters[scope](x, out)
         return out
 
 

@@ -3,6 +3,7 @@ import torch
 from conftest import assert_close_f32, tiny_model
 
 from palm_rlhf import LoRAConfig, PaLM, generate, lora_parameters, merge_lora, remove_lora
+from palm_rlhf.model.lora import LoRAAdapter
 
 
 def perturb(params, scale=0.1):
@@ -22,6 +23,54 @@ def test_new_adapter_is_a_no_op_and_base_is_frozen():
     assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in trainable}
     # 2 layers x 3 projections x (down + up)
     assert len(params) == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_adapter_product_and_gradients_equal_the_formula(base_dtype):
+    """The adapter's fused product (addmm into the base output, `up` transposed for a fast
+    gradient) against W x + (alpha/r) B A x and its gradients, computed in float64; a wrong
+    transpose, a dropped scale or an add into the wrong tensor shows here."""
+    from palm_rlhf.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 40).to(base_dtype)
+    layer.weight.requires_grad_(False)
+    layer.adapters["actor"] = LoRAAdapter(24, 40, LoRAConfig(rank=4, alpha=8))
+    adapter = layer.adapters["actor"]
+    perturb([adapter.up], scale=0.5)  # up starts at zero, which would hide a wrong product
+    x = torch.randn(3, 5, 24, dtype=base_dtype, requires_grad=True)
+    grad_out = torch.randn(3, 5, 40)
+    out = layer(x, "actor")
+    assert out.dtype == base_dtype and out.shape == (3, 5, 40)
+    out.backward(grad_out.to(base_dtype))
+
+    x64 = x.detach().double().requires_grad_()
+    down = adapter.down.detach().double().requires_grad_()
+    up = adapter.up.detach().double().requires_grad_()
+    expected = x64 @ layer.weight.double().T + 2.0 * (x64 @ down.T) @ up.T
+    expected.backward(grad_out.double())
+    tol = dict(atol=1e-5, rtol=1e-5) if base_dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    # the adapter's own gradients stay float32 and match to float32 rounding of its inputs
+    assert adapter.up.grad.dtype == adapter.down.grad.dtype == torch.float32
+    grad_tol = dict(atol=1e-4, rtol=1e-4) if base_dtype == torch.float32 else tol
+    torch.testing.assert_close(adapter.up.grad.double(), up.grad, **grad_tol)
+    torch.testing.assert_close(adapter.down.grad.double(), down.grad, **grad_tol)
+
+
+def test_adapter_under_autocast_matches_float32():
+    from palm_rlhf.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 40)
+    layer.adapters["actor"] = LoRAAdapter(24, 40, LoRAConfig(rank=4, alpha=8))
+    perturb([layer.adapters["actor"].up], scale=0.5)
+    x = torch.randn(6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x, "actor")
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), layer(x, "actor"), atol=0.05, rtol=0.02)
 
 
 def test_training_moves_only_the_adapter_and_reference_stays_the_base():
