@@ -250,10 +250,21 @@ def _decode(
     """
     b, p = prompt_tokens.shape
     check_every = stop_check_every(prompt_tokens.device)
-    cache = model.new_cache(b, max_len=p + max_new_tokens) if use_cache else None
     sequence, sequence_mask = prompt_tokens, prompt_mask
     forward = dict(lora_scope=lora_scope, validate_ids=False)
-    logits = model(prompt_tokens, mask=prompt_mask, cache=cache, last_only=True, **forward)[:, -1]
+    cache = None
+    if use_cache:
+        # A prompt sampled k times (GRPO's groups, best-of-k labelling) is prefilled once and
+        # its keys, values and last logits copied to its k rows: 1/k of the prefill's work.
+        first, copies = distinct_rows(prompt_tokens, prompt_mask)
+        cache = model.new_cache(first.shape[0], max_len=p + max_new_tokens)
+        logits = model(
+            prompt_tokens[first], mask=prompt_mask[first], cache=cache, last_only=True, **forward
+        )[:, -1]
+        if first.shape[0] < b:
+            cache, logits = cache.gather_rows(copies), logits[copies]
+    else:
+        logits = model(prompt_tokens, mask=prompt_mask, last_only=True, **forward)[:, -1]
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_tokens.device)
     tokens, logprobs, masks = [], [], []
     for step in range(max_new_tokens):
@@ -278,6 +289,23 @@ def _decode(
             sequence_mask = F.pad(sequence_mask, (0, 1), value=True)
             logits = model(sequence, mask=sequence_mask, last_only=True, **forward)[:, -1]
     return tokens, logprobs, masks
+
+
+def distinct_rows(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(first, copies): the index of each distinct (tokens, mask) row's first occurrence, in
+    batch order, and for every row the position in `first` of the row it repeats, so that
+    rows == rows[first][copies]."""
+    b = tokens.shape[0]
+    key = torch.cat((tokens, mask.long()), dim=1)
+    _, group = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(b, device=tokens.device)
+    # the first row of each group, then those firsts in batch order
+    firsts = torch.full((int(group.max()) + 1,), b, device=tokens.device, dtype=torch.long)
+    firsts = firsts.scatter_reduce(0, group, rows, reduce="amin")
+    first, order = firsts.sort()
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.shape[0], device=tokens.device)
+    return first, position[group]
 
 
 def stop_check_every(device: torch.device) -> int:

@@ -201,6 +201,34 @@ def test_packed_decoding_with_a_lora_scope_equals_plain_decoding():
     assert_close_f32(packed.logprobs, plain.logprobs)
 
 
+def test_repeated_prompts_are_prefilled_once_and_sample_as_if_each_row_were(monkeypatch):
+    """Rows that repeat a prompt share one prefill (its cache rows and last logits copied):
+    the sampled tokens and log-probs equal those of prefilling every row, and the prefill
+    forward sees only the distinct prompts."""
+    import palm_rlhf.generation as generation
+
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [1, 2, 3], [10], [4, 5, 6, 7, 8, 9], [1, 2, 3]]
+    kwargs = dict(max_new_tokens=10, temperature=1.0, eos_id=5, pad_id=PAD, seed=3)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    shared = generate(model, prompts, **kwargs)
+    assert batch_sizes[0] == 3 and set(batch_sizes[1:]) == {len(prompts)}
+    every_row = lambda tokens, mask: (torch.arange(tokens.shape[0]), torch.arange(tokens.shape[0]))
+    monkeypatch.setattr(generation, "distinct_rows", every_row)
+    batch_sizes.clear()
+    separate = generate(model, prompts, **kwargs)
+    hook.remove()
+    assert batch_sizes[0] == len(prompts)
+    assert torch.equal(shared.tokens, separate.tokens) and torch.equal(shared.mask, separate.mask)
+    assert_close_f32(shared.logprobs, separate.logprobs)
+    # the repeats drew their own samples: one prompt's three rows do not all agree
+    assert not (
+        torch.equal(shared.tokens[0], shared.tokens[2])
+        and torch.equal(shared.tokens[0], shared.tokens[5])
+    )
+
+
 def test_categorical_sampling_matches_the_distribution():
     from palm_rlhf.generation import sample_categorical
 

@@ -80,3 +80,15 @@ class KVCache:
         self.key_mask[:, length:] = False
         self.next_position = self.key_mask[:, :length].sum(dim=1)
         self.length = length
+
+    def gather_rows(self, index: Tensor) -> KVCache:
+        """A new cache whose row i is a copy of this cache's row index[i] (index: (b',) long).
+        Prompts sampled several times are prefilled once and copied to each of their rows."""
+        gathered = KVCache.__new__(KVCache)
+        gathered.keys = self.keys.index_select(1, index)
+        gathered.values = self.values.index_select(1, index)
+        gathered.key_mask = self.key_mask.index_select(0, index)
+        gathered.next_position = self.next_position.index_select(0, index)
+        gathered.length, gathered.max_len = self.length, self.max_len
+        gathered.batch_size, gathered.has_padding = index.shape[0], self.has_padding
+        return gathered
