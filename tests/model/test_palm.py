@@ -348,3 +348,27 @@ def test_activation_checkpointing_is_skipped_without_gradients_and_with_a_cache(
         palm_module.checkpoint = original
     assert calls == []
     assert_close_f32(cached.detach(), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_attention_equals_sdpa(dtype):
+    """The CPU decoding kernel against scaled_dot_product_attention: grouped query heads,
+    a padding mask with a whole row's keys but one masked, an explicit scale."""
+    from palm_rlhf.model.layers import single_query_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 4, 16, dtype=dtype)  # (b, kv heads, query heads per kv head, d)
+    k, v = torch.randn(2, 3, 2, 9, 16, dtype=dtype).unbind(0)
+    mask = torch.rand(3, 1, 1, 9) > 0.4
+    mask[:, ..., -1] = True  # the current token is always a key
+    mask[2, ..., :-1] = False
+    for scale in (None, 0.3):
+        got = single_query_attention(q, k, v, mask, scale)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        assert got.dtype == dtype
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(single_query_attention(q, k, v, None, None)[2], (
+        F.scaled_dot_product_attention(q, k, v)[2]), **tol)  # fmt: skip
+    # row 2 sees only its last key: its output is that key's value
+    torch.testing.assert_close(got[2], v[2, :, -1:].expand(2, 4, 16), **tol)
