@@ -13,7 +13,8 @@ step 6. on held-out files' docstring prompts: the rule's score after pretraining
         with matplotlib); summary.json
 
 Each training stage has a time budget (it stops early, with a checkpoint, once its budget is
-spent), so a slower machine gets a weaker demo, not a longer one.
+spent), and the run as a whole has one that PPO, the last stage, gives way to, so a slower
+machine gets a weaker demo, not a longer one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ DEMO_RUN_MARKERS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of each stage; `full` is sized to take about 14 minutes on a 2-core AMD EPYC
+    """Sizes of each stage; `full` is sized to take at most 14.5 minutes on a 2-core AMD EPYC
     (the budgets stop each training stage early on a slower machine)."""
 
     pretrain_steps: int
@@ -92,6 +93,10 @@ class DemoSettings:
     sft_budget_s: float = 0.0
     reward_budget_s: float = 0.0
     ppo_budget_s: float = 0.0
+    total_budget_s: float = 0.0
+    """The whole run's seconds (0 = no limit). The stages before PPO run on their own budgets;
+    their unbudgeted work (loading, evaluations) comes out of PPO's, which is cut to what is
+    left once the final evaluation is paid for (`ppo_time_limit`)."""
 
 
 SETTINGS = {
@@ -107,12 +112,14 @@ SETTINGS = {
         reward_steps=110,
         ppo_iterations=32,
         model_overrides={},
-        # The budgets stop a slower machine early, within 15 minutes in all (summary.json's
-        # steps_run says whether they did).
+        # The budgets stop a slower machine early (summary.json's steps_run says whether they
+        # did); 870 s leaves PPO's overrun of its limit by up to one iteration (~8 s) inside
+        # the 15 minutes.
         pretrain_budget_s=260.0,
         sft_budget_s=80.0,
         reward_budget_s=180.0,
         ppo_budget_s=185.0,
+        total_budget_s=870.0,
     ),
     "smoke": DemoSettings(
         pretrain_steps=40,
@@ -184,6 +191,19 @@ def rule_eval(
         mean_chars=sum(len(t) for t in texts) / len(texts),
         texts=texts,
     )
+
+
+def ppo_time_limit(settings: DemoSettings, elapsed_s: float, rule_eval_s: float) -> float:
+    """PPO's time limit (0 = none): ppo_budget_s, cut so that the run ends within
+    total_budget_s. What follows PPO is one more rule evaluation (as long as the SFT policy's,
+    rule_eval_s, just measured) and a held-out rollout, a save and the plot, which take about
+    as long again: 2 x rule_eval_s is kept for them. At least one iteration always runs (the
+    limit is checked after each), so there is a PPO policy to evaluate."""
+    if not settings.total_budget_s:
+        return settings.ppo_budget_s
+    left = settings.total_budget_s - elapsed_s - 2 * rule_eval_s
+    limit = min(settings.ppo_budget_s, left) if settings.ppo_budget_s else left
+    return max(limit, 1e-3)
 
 
 def run_demo(
@@ -330,7 +350,11 @@ def run_demo(
     log(f"step 5/6: PPO against the reward model (held-out accuracy {rm_accuracy:.2f})")
     pretrained = PaLM.from_pretrained(base_dir)
     before = rule_eval(pretrained, tok, eval_pairs, new, None, seed + 2)
+    evaluated = time.perf_counter()
     sft = rule_eval(policy, tok, eval_pairs, new, None, seed + 2)
+    ppo_limit_s = ppo_time_limit(
+        settings, time.perf_counter() - began, time.perf_counter() - evaluated
+    )
     del pretrained
     trainer = PPOTrainer(
         policy,
@@ -355,7 +379,7 @@ def run_demo(
         out_dir=out,
         show_progress=show_progress,
     )
-    ppo_history = trainer.train(settings.ppo_iterations, time_limit_s=settings.ppo_budget_s)
+    ppo_history = trainer.train(settings.ppo_iterations, time_limit_s=ppo_limit_s)
     timings["ppo_s"] = time.perf_counter() - began - sum(timings.values())
 
     # step 6. before/after on held-out prompts
@@ -408,6 +432,7 @@ def run_demo(
             "reward": int(reward_dir.name.removeprefix("step_")),
             "ppo": len(ppo_history),
         },
+        "ppo_time_limit_s": round(ppo_limit_s, 1),
         "steps_asked": {
             "pretrain": settings.pretrain_steps,
             "sft": settings.sft_steps,

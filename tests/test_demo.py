@@ -140,3 +140,22 @@ def test_human_demo_waits_for_people_and_trains_on_what_they_ranked(tmp_path):
     assert result["ranked_groups"] == ranked  # strict rankings: every one trains
     assert result["labeler"] == "people (ranking page)"
     assert (out / "tasks.jsonl").exists() and (out / "summary.json").exists()
+
+
+def test_ppo_gives_way_to_the_run_budget():
+    """PPO's limit is its own budget until the run's budget minus the final evaluation (twice
+    the SFT rule evaluation's time) is shorter; past the run's budget it still runs one
+    iteration (a limit of 0 would mean none at all)."""
+    from dataclasses import replace
+
+    from palm_rlhf.demo import SETTINGS, ppo_time_limit
+
+    full = SETTINGS["full"]
+    assert full.total_budget_s <= 15 * 60 - 20  # room for PPO's overrun of one iteration
+    settings = replace(full, ppo_budget_s=185.0, total_budget_s=870.0)
+    assert ppo_time_limit(settings, elapsed_s=600.0, rule_eval_s=15.0) == 185.0
+    assert ppo_time_limit(settings, elapsed_s=700.0, rule_eval_s=15.0) == 140.0
+    assert 0 < ppo_time_limit(settings, elapsed_s=900.0, rule_eval_s=15.0) < 0.01
+    assert ppo_time_limit(replace(settings, ppo_budget_s=0.0), 700.0, 15.0) == 140.0
+    assert ppo_time_limit(replace(settings, total_budget_s=0.0), 900.0, 15.0) == 185.0
+    assert ppo_time_limit(SETTINGS["smoke"], 900.0, 15.0) == 0.0  # no budgets: no limit
