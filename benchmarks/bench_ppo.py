@@ -80,7 +80,13 @@ def build_ours(c, args, learn_times):
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)
     policy, reward = PaLM(cfg), RewardModel(PaLM(cfg))
     params, eos = sum(p.numel() for p in policy.parameters()), torch.tensor([tok.eos_id])
-    policy.register_forward_hook(lambda m, i, out: out.index_fill(-1, eos, -1e4))
+
+    def no_eos(module, inputs, out):
+        # Decoding returns logits: eos never wins, so every response has all its tokens. The
+        # log-prob passes return per-token statistics computed in chunks, left as they are.
+        return out.index_fill(-1, eos, -1e4) if isinstance(out, torch.Tensor) else out
+
+    policy.register_forward_hook(no_eos)
     prompts = [bytes(row[1:].tolist()).decode() for row in prompt_ids(c)]  # + bos = prompt len
     sizes = dict(rollout_batch_size=c["batch"], minibatch_size=args.minibatch)
     lengths = dict(max_new_tokens=c["new"], max_prompt_tokens=c["prompt"])
