@@ -82,7 +82,7 @@ import tempfile
 from pathlib import Path
 
 from bench_model import fmt, machine_info, versus
-from peer_workers import Link, run_interleaved, serve, timed
+from peer_workers import Link, keep_eos_out, run_interleaved, serve, timed
 
 FULL = dict(
     num_tokens=259, dim=128, depth=2, heads=4, dim_head=32, prompts=16, group=8, prompt=32, new=64
@@ -111,7 +111,6 @@ def count_a(prompts, responses, **columns):
 
 
 def build_ours(c, args, learn_times):
-    import torch
 
     from palm_rlhf import GRPOConfig, GRPOTrainer, PaLM, PaLMConfig
     from palm_rlhf.tokenizers.base import ByteTokenizer
@@ -119,14 +118,8 @@ def build_ours(c, args, learn_times):
     tok, n = ByteTokenizer(), c["prompt"] + c["new"]
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)
     policy = PaLM(cfg)
-    params, eos = sum(p.numel() for p in policy.parameters()), torch.tensor([tok.eos_id])
-
-    def no_eos(module, inputs, out):
-        # Decoding returns logits: eos never wins, so every response has all its tokens. The
-        # log-prob passes return per-token statistics computed in chunks, left as they are.
-        return out.index_fill(-1, eos, -1e4) if isinstance(out, torch.Tensor) else out
-
-    policy.register_forward_hook(no_eos)
+    params = sum(p.numel() for p in policy.parameters())
+    keep_eos_out(policy, tok.eos_id)
     prompts = [bytes(row[1:].tolist()).decode() for row in prompt_ids(c)]  # + bos = prompt len
     config = GRPOConfig(
         prompts_per_iteration=c["prompts"],

@@ -52,7 +52,7 @@ import statistics
 import tempfile
 
 from bench_model import fmt, machine_info, versus
-from peer_workers import Link, run_interleaved, serve, timed
+from peer_workers import Link, keep_eos_out, run_interleaved, serve, timed
 
 FULL = dict(num_tokens=259, dim=128, depth=2, heads=4, dim_head=32, batch=16, prompt=32, new=112)
 QUICK = dict(num_tokens=259, dim=32, depth=1, heads=2, dim_head=16, batch=4, prompt=8, new=8)
@@ -68,7 +68,6 @@ def prompt_ids(c):
 
 
 def build_ours(c, args, learn_times):
-    import torch
 
     from palm_rlhf import PaLM, PaLMConfig
     from palm_rlhf.model.reward import RewardModel
@@ -79,14 +78,8 @@ def build_ours(c, args, learn_times):
     tok, n = ByteTokenizer(), c["prompt"] + c["new"]
     cfg = PaLMConfig(**{k: c[k] for k in SHAPE}, max_seq_len=n + 16)
     policy, reward = PaLM(cfg), RewardModel(PaLM(cfg))
-    params, eos = sum(p.numel() for p in policy.parameters()), torch.tensor([tok.eos_id])
-
-    def no_eos(module, inputs, out):
-        # Decoding returns logits: eos never wins, so every response has all its tokens. The
-        # log-prob passes return per-token statistics computed in chunks, left as they are.
-        return out.index_fill(-1, eos, -1e4) if isinstance(out, torch.Tensor) else out
-
-    policy.register_forward_hook(no_eos)
+    params = sum(p.numel() for p in policy.parameters())
+    keep_eos_out(policy, tok.eos_id)
     prompts = [bytes(row[1:].tolist()).decode() for row in prompt_ids(c)]  # + bos = prompt len
     sizes = dict(rollout_batch_size=c["batch"], minibatch_size=args.minibatch)
     lengths = dict(max_new_tokens=c["new"], max_prompt_tokens=c["prompt"])

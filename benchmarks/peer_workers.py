@@ -18,6 +18,20 @@ from pathlib import Path
 from bench_model import cpu_snapshot, others_busy
 
 
+def keep_eos_out(policy, eos_id):
+    """Hook our policy so that eos never wins while it decodes: every response has all its
+    tokens, like the peers'. Decoding's forwards return logits; the log-prob passes return
+    per-token statistics computed in chunks, which are left as they are."""
+    import torch
+
+    eos = torch.tensor([eos_id])
+
+    def hook(module, inputs, out):
+        return out.index_fill(-1, eos, -1e4) if isinstance(out, torch.Tensor) else out
+
+    policy.register_forward_hook(hook)
+
+
 def timed(fn, acc):
     """fn, appending each call's seconds to acc."""
 
