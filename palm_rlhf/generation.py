@@ -303,9 +303,7 @@ def distinct_rows(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     firsts = torch.full((int(group.max()) + 1,), b, device=tokens.device, dtype=torch.long)
     firsts = firsts.scatter_reduce(0, group, rows, reduce="amin")
     first, order = firsts.sort()
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.shape[0], device=tokens.device)
-    return first, position[group]
+    return first, order.argsort()[group]  # group's position among the sorted firsts
 
 
 def stop_check_every(device: torch.device) -> int:

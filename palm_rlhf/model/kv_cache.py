@@ -6,6 +6,8 @@ cache is `heads` times smaller than a multi-head one, which is why PaLM chose it
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -84,11 +86,10 @@ class KVCache:
     def gather_rows(self, index: Tensor) -> KVCache:
         """A new cache whose row i is a copy of this cache's row index[i] (index: (b',) long).
         Prompts sampled several times are prefilled once and copied to each of their rows."""
-        gathered = KVCache.__new__(KVCache)
+        gathered = copy.copy(self)  # the scalar state (length, max_len, has_padding) as is
         gathered.keys = self.keys.index_select(1, index)
         gathered.values = self.values.index_select(1, index)
         gathered.key_mask = self.key_mask.index_select(0, index)
         gathered.next_position = self.next_position.index_select(0, index)
-        gathered.length, gathered.max_len = self.length, self.max_len
-        gathered.batch_size, gathered.has_padding = index.shape[0], self.has_padding
+        gathered.batch_size = index.shape[0]
         return gathered
